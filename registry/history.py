@@ -1,0 +1,335 @@
+"""History and statistics: read-only SQL queries on the store, cluster-wide.
+
+Everything here reads the database (never the live map), so the answers cover every node and
+survive restarts. Pages are keyset-paged: a cursor names the last row returned, so rows inserted
+meanwhile never shift or repeat a page.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from registry.errors import InvalidArgumentError, StoreUnavailableError, describe
+from registry.store import models
+from registry.store.dialect import epoch_seconds
+from registry.types import (
+    AuditEvent,
+    ClientType,
+    ConnectionRecord,
+    DeviceInfoSnapshot,
+    Page,
+    SessionRecord,
+    SessionState,
+    Statistics,
+)
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+
+T = TypeVar("T")
+
+
+def _limit(limit: int) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT:
+        raise InvalidArgumentError("limit", f"must be an integer from 1 to {MAX_LIMIT}")
+    return limit
+
+
+def _aware(argument: str, value: datetime | None) -> datetime | None:
+    if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
+        raise InvalidArgumentError(argument, "must be a timezone-aware datetime")
+    return value
+
+
+def encode_cursor(*key: Any) -> str:
+    """An opaque cursor for a row's sort key (datetimes as ISO 8601)."""
+    raw = [value.isoformat() if isinstance(value, datetime) else value for value in key]
+    return base64.urlsafe_b64encode(json.dumps(raw).encode()).decode()
+
+
+def decode_cursor(cursor: str, *kinds: type) -> list[Any]:
+    """The sort key in ``cursor``, checked against ``kinds``; InvalidArgumentError otherwise."""
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        if not isinstance(raw, list) or len(raw) != len(kinds):
+            raise ValueError("wrong shape")
+        key = [
+            datetime.fromisoformat(value) if kind is datetime else kind(value)
+            for kind, value in zip(kinds, raw, strict=True)
+        ]
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise InvalidArgumentError("cursor", "is not a cursor returned by this query") from exc
+    return key
+
+
+def _window(column: Any, since: datetime | None, until: datetime | None) -> list[Any]:
+    conditions = []
+    if _aware("since", since) is not None:
+        conditions.append(column >= since)
+    if _aware("until", until) is not None:
+        conditions.append(column < until)
+    return conditions
+
+
+class History:
+    """Read-only queries on the store (cluster-wide, independent of any live map)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def _rows(self, query: Select[Any]) -> Sequence[Any]:
+        try:
+            async with self._engine.connect() as connection:
+                rows: Sequence[Any] = (await connection.execute(query)).all()
+                return rows
+        except SQLAlchemyError as exc:
+            raise StoreUnavailableError(f"history query failed: {describe(exc)}") from exc
+
+    async def _page(
+        self,
+        query: Select[Any],
+        limit: int,
+        record: Callable[[Any], T],
+        key: Callable[[Any], tuple[Any, ...]],
+    ) -> Page[T]:
+        rows = await self._rows(query.limit(_limit(limit) + 1))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(
+            items=[record(row) for row in rows],
+            next_cursor=encode_cursor(*key(rows[-1])) if more else None,
+        )
+
+    async def session_owner(self, session_id: str) -> str | None:
+        """The stored owner of a session id, or None if it was never seen."""
+        s = models.sessions.c
+        rows = await self._rows(select(s.owner_id).where(s.session_id == session_id))
+        return rows[0][0] if rows else None
+
+    async def connections(
+        self,
+        client_id: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> Page[ConnectionRecord]:
+        """Connections of one client opened in ``[since, until)``, newest first."""
+        c = models.connections.c
+        conditions: list[ColumnElement[bool]] = [
+            c.client_id == client_id,
+            *_window(c.connected_at, since, until),
+        ]
+        if cursor is not None:
+            at, connection_id = decode_cursor(cursor, datetime, str)
+            conditions.append(
+                or_(
+                    c.connected_at < at, and_(c.connected_at == at, c.connection_id < connection_id)
+                )
+            )
+        query = (
+            select(models.connections)
+            .where(*conditions)
+            .order_by(c.connected_at.desc(), c.connection_id.desc())
+        )
+        return await self._page(
+            query, limit, _connection_record, lambda row: (row.connected_at, row.connection_id)
+        )
+
+    async def open_connections(self, *, limit: int = DEFAULT_LIMIT) -> list[ConnectionRecord]:
+        """Connections open now on any node (oldest first)."""
+        c = models.connections.c
+        rows = await self._rows(
+            select(models.connections)
+            .where(c.disconnected_at.is_(None))
+            .order_by(c.connected_at)
+            .limit(_limit(limit))
+        )
+        return [_connection_record(row) for row in rows]
+
+    async def sessions(
+        self,
+        client_id: str | None = None,
+        *,
+        state: SessionState | str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> Page[SessionRecord]:
+        """Sessions created in ``[since, until)``, newest first; with ``client_id``, those it
+        owned or executed; with ``state``, those in that state."""
+        s = models.sessions.c
+        conditions = _window(s.created_at, since, until)
+        if client_id is not None:
+            conditions.append(or_(s.owner_id == client_id, s.executor_id == client_id))
+        if state is not None:
+            try:
+                conditions.append(s.state == SessionState(state).value)
+            except ValueError:
+                raise InvalidArgumentError("state", f"unknown session state {state!r}") from None
+        if cursor is not None:
+            at, session_id = decode_cursor(cursor, datetime, str)
+            conditions.append(
+                or_(s.created_at < at, and_(s.created_at == at, s.session_id < session_id))
+            )
+        query = (
+            select(models.sessions)
+            .where(*conditions)
+            .order_by(s.created_at.desc(), s.session_id.desc())
+        )
+        return await self._page(
+            query, limit, _session_record, lambda row: (row.created_at, row.session_id)
+        )
+
+    async def device_info(
+        self,
+        device_id: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> Page[DeviceInfoSnapshot]:
+        """Snapshots of a device's info captured in ``[since, until)``, newest first."""
+        d = models.device_info_snapshots.c
+        conditions = [d.device_id == device_id, *_window(d.captured_at, since, until)]
+        if cursor is not None:
+            (snapshot_id,) = decode_cursor(cursor, int)
+            conditions.append(d.snapshot_id < snapshot_id)
+        query = (
+            select(d.snapshot_id, d.device_id, d.captured_at, d.info)
+            .where(*conditions)
+            .order_by(d.snapshot_id.desc())
+        )
+        return await self._page(
+            query,
+            limit,
+            lambda row: DeviceInfoSnapshot(row.device_id, row.captured_at, row.info),
+            lambda row: (row.snapshot_id,),
+        )
+
+    async def audit(
+        self,
+        *,
+        kind: str | None = None,
+        client_id: str | None = None,
+        session_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        newest_first: bool = False,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> Page[AuditEvent]:
+        """The audit trail in event order (or newest first), filtered by any of the fields."""
+        a = models.audit_events.c
+        conditions = _window(a.at, since, until)
+        for column, value in ((a.kind, kind), (a.client_id, client_id), (a.session_id, session_id)):
+            if value is not None:
+                conditions.append(column == value)
+        if cursor is not None:
+            (event_id,) = decode_cursor(cursor, int)
+            conditions.append(a.event_id < event_id if newest_first else a.event_id > event_id)
+        query = (
+            select(models.audit_events)
+            .where(*conditions)
+            .order_by(a.event_id.desc() if newest_first else a.event_id)
+        )
+        return await self._page(
+            query,
+            limit,
+            lambda row: AuditEvent(
+                row.event_id,
+                row.at,
+                row.node_id,
+                row.kind,
+                row.client_id,
+                row.session_id,
+                row.details,
+            ),
+            lambda row: (row.event_id,),
+        )
+
+    async def statistics(
+        self, *, since: datetime | None = None, until: datetime | None = None
+    ) -> Statistics:
+        """Open connections now by type and platform, and figures for connections opened in
+        ``[since, until)`` (default: the last 24 hours)."""
+        until = _aware("until", until) or datetime.now(UTC)
+        since = _aware("since", since) or until - timedelta(days=1)
+        if since > until:
+            raise InvalidArgumentError("since", "must not be after until")
+        c = models.connections.c
+        is_open = c.disconnected_at.is_(None)
+        try:
+            async with self._engine.connect() as connection:
+                dialect = connection.dialect.name
+                by_type = await connection.execute(
+                    select(c.client_type, func.count()).where(is_open).group_by(c.client_type)
+                )
+                online_by_type = {kind.value: 0 for kind in ClientType} | dict(by_type.all())
+                by_platform = await connection.execute(
+                    select(c.platform, func.count()).where(is_open).group_by(c.platform)
+                )
+                online_by_platform: dict[str, int] = dict(by_platform.all())
+                duration = epoch_seconds(dialect, c.disconnected_at) - epoch_seconds(
+                    dialect, c.connected_at
+                )
+                window = await connection.execute(
+                    select(
+                        func.count(),
+                        func.count(func.distinct(c.client_id)),
+                        func.avg(duration),
+                    ).where(c.connected_at >= since, c.connected_at < until)
+                )
+                count, distinct, mean = window.one()
+        except SQLAlchemyError as exc:
+            raise StoreUnavailableError(f"statistics query failed: {describe(exc)}") from exc
+        return Statistics(
+            since=since,
+            until=until,
+            online_by_type=online_by_type,
+            online_by_platform=online_by_platform,
+            connections=count,
+            distinct_clients=distinct,
+            mean_duration_seconds=None if mean is None else float(mean),
+        )
+
+
+def _connection_record(row: Any) -> ConnectionRecord:
+    return ConnectionRecord(
+        connection_id=row.connection_id,
+        client_id=row.client_id,
+        node_id=row.node_id,
+        client_type=ClientType(row.client_type),
+        platform=row.platform,
+        metadata=row.metadata,
+        remote_address=row.remote_address,
+        connected_at=row.connected_at,
+        disconnected_at=row.disconnected_at,
+        close_code=row.close_code,
+        close_reason=row.close_reason,
+    )
+
+
+def _session_record(row: Any) -> SessionRecord:
+    return SessionRecord(
+        session_id=row.session_id,
+        owner_id=row.owner_id,
+        executor_id=row.executor_id,
+        task_name=row.task_name,
+        state=SessionState(row.state),
+        node_id=row.node_id,
+        created_at=row.created_at,
+        ended_at=row.ended_at,
+        end_reason=row.end_reason,
+    )

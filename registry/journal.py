@@ -1,0 +1,167 @@
+"""The write path: an in-memory journal drained by one writer task in group commits.
+
+Mutations append operations synchronously (no I/O, no await). The writer task takes everything
+queued, applies it in one transaction and then resolves every waiter whose operations are now
+durable. While a commit runs, new operations queue up and go into the next transaction, so the
+batch size follows the load.
+
+When a commit fails (database down, read-only, disk full) the batch stays at the head of the
+journal and the writer retries with capped exponential backoff: nothing queued is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from registry.errors import RegistryClosedError, StoreUnavailableError, describe
+from registry.store.writes import Op, Row, apply
+
+logger = logging.getLogger(__name__)
+
+Applier = Callable[[AsyncConnection, Sequence[tuple[Op, Row]]], Awaitable[None]]
+
+RETRY_INITIAL_SECONDS = 0.05
+RETRY_MAX_SECONDS = 5.0
+
+
+class Journal:
+    """Ordered queue of row operations with one writer task.
+
+    Sequence numbers count appended operations from 1; :meth:`wait` returns once the operation
+    with that number (and so every earlier one) is committed.
+    """
+
+    def __init__(self, engine: AsyncEngine, applier: Applier = apply) -> None:
+        self._engine = engine
+        self._apply = applier
+        self._pending: list[tuple[Op, Row]] = []
+        self._appended = 0
+        self._committed = 0
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap
+        self._tiebreak = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.last_error: StoreUnavailableError | None = None
+        self.commits = 0
+        self.committed_operations = 0
+        self.last_batch_size = 0
+        self.last_commit_seconds = 0.0
+
+    @property
+    def depth(self) -> int:
+        """Operations queued and not yet committed."""
+        return self._appended - self._committed
+
+    @property
+    def last_sequence(self) -> int:
+        return self._appended
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="registry-journal-writer"
+            )
+
+    def append(self, op: Op, row: Row) -> int:
+        """Queue one operation; returns its sequence number."""
+        if self._closing and self._task is None:
+            raise RegistryClosedError("the registry is closed")
+        self._pending.append((op, row))
+        self._appended += 1
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+        return self._appended
+
+    def extend(self, operations: Sequence[tuple[Op, Row]]) -> int:
+        """Queue several operations in order; returns the last sequence number."""
+        for op, row in operations:
+            self.append(op, row)
+        return self._appended
+
+    async def wait(self, sequence: int) -> None:
+        """Return once operation ``sequence`` and all before it are committed."""
+        if sequence <= self._committed:
+            return
+        if self._task is None:
+            raise RegistryClosedError("the registry's writer is not running")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (sequence, next(self._tiebreak), future))
+        await future
+
+    async def flush(self) -> None:
+        """Return once everything appended so far is committed."""
+        await self.wait(self._appended)
+
+    async def close(self, drain_timeout: float | None) -> None:
+        """Drain the journal and stop the writer.
+
+        Raises :class:`StoreUnavailableError` if the journal could not be drained within
+        ``drain_timeout`` seconds; the undrained operations are then reported, not silently dropped.
+        """
+        self._closing = True
+        if self._task is None:
+            return
+        try:
+            async with asyncio.timeout(drain_timeout):
+                await self.flush()
+        except TimeoutError:
+            lost = self.depth
+            raise StoreUnavailableError(
+                f"could not write {lost} journalled operations before closing: {self.last_error}"
+            ) from None
+        finally:
+            task, self._task = self._task, None
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+
+    async def _run(self) -> None:
+        delay = RETRY_INITIAL_SECONDS
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch, self._pending = self._pending, []
+                started = time.perf_counter()
+                try:
+                    async with self._engine.begin() as connection:
+                        await self._apply(connection, batch)
+                except (SQLAlchemyError, OSError) as exc:
+                    self._pending = batch + self._pending
+                    self.last_error = StoreUnavailableError(
+                        f"committing {len(batch)} operations failed: {describe(exc)}"
+                    )
+                    logger.error("%s; retrying in %.2fs", self.last_error, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_SECONDS)
+                    continue
+                delay = RETRY_INITIAL_SECONDS
+                if self.last_error is not None:
+                    logger.warning("store writable again after: %s", self.last_error)
+                    self.last_error = None
+                self._committed += len(batch)
+                self.commits += 1
+                self.committed_operations += len(batch)
+                self.last_batch_size = len(batch)
+                self.last_commit_seconds = time.perf_counter() - started
+                self._release()
+
+    def _release(self) -> None:
+        waiters, committed = self._waiters, self._committed
+        while waiters and waiters[0][0] <= committed:
+            future = heapq.heappop(waiters)[2]
+            if not future.done():
+                future.set_result(None)

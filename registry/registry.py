@@ -1,0 +1,802 @@
+"""The registry: the reference ``WSManager`` API over this node's live map, made durable.
+
+Every method of the reference keeps its name, arguments and meaning and stays synchronous:
+reads answer from memory with no I/O; mutations update memory and append to the journal,
+whose writer task commits them in the background (group commit). ``await flush()`` returns once
+everything before it is durable, and the ``*_durable`` variants (and the session lifecycle
+methods) return only once their own change is. Use a registry from one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+from sqlalchemy import insert, update
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from registry.audit import AuditKind
+from registry.errors import (
+    DuplicateClientError,
+    InvalidArgumentError,
+    RegistryClosedError,
+    SessionOwnershipError,
+    StoreUnavailableError,
+    describe,
+)
+from registry.history import History
+from registry.journal import Journal
+from registry.livemap import DeviceInfoEntry, LiveClient, LiveMap
+from registry.recovery import close_gone_runs, load_state
+from registry.store import models
+from registry.store.dialect import DEFAULT_URL, create_engine, is_sqlite, parse_url
+from registry.store.schema import ensure_schema
+from registry.store.writes import Op, Row
+from registry.types import (
+    ClientInfo,
+    ClientType,
+    DuplicatePolicy,
+    LinkRole,
+    SessionInfo,
+    SessionState,
+    canonical_json,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_ID_LENGTH = 255
+REASON_REMOVED = "removed"
+REASON_REPLACED = "replaced"
+REASON_SHUTDOWN = "server_shutdown"
+REASON_UNLINKED = "unlinked"
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+def _require_id(argument: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgumentError(argument, f"must be a string, not {type(value).__name__}")
+    if not value or value.isspace():
+        raise InvalidArgumentError(argument, "must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidArgumentError(argument, f"must be at most {MAX_ID_LENGTH} characters")
+    return value
+
+
+def _require_document(argument: str, value: object) -> str:
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(argument, f"must be a dict, not {type(value).__name__}")
+    return canonical_json(value, argument)
+
+
+def _client_type(value: object) -> ClientType:
+    try:
+        return ClientType(value)  # type: ignore[arg-type]  # checked right here
+    except ValueError:
+        choices = ", ".join(kind.value for kind in ClientType)
+        raise InvalidArgumentError(
+            "client_type", f"unknown client type {value!r} (expected one of: {choices})"
+        ) from None
+
+
+class Registry:
+    """Durable registry of this node's clients, sessions and device info.
+
+    ``database_url`` defaults to the SQLite file ``./registry.db``; a ``postgresql+asyncpg://``
+    URL works the same. ``on_duplicate`` is ``"refuse"`` (raise :class:`DuplicateClientError`)
+    or ``"replace"`` (close the old connection record with reason ``replaced``).
+    ``auto_migrate`` defaults to on for SQLite and off for PostgreSQL, where several nodes
+    share the database and an operator runs ``registry db upgrade``.
+    """
+
+    def __init__(
+        self,
+        database_url: str | URL | None = None,
+        *,
+        on_duplicate: DuplicatePolicy | str = DuplicatePolicy.REFUSE,
+        node_name: str | None = None,
+        auto_migrate: bool | None = None,
+        heartbeat_interval: float = 5.0,
+        node_timeout: float = 30.0,
+        close_timeout: float | None = 30.0,
+    ) -> None:
+        self._url = parse_url(database_url or DEFAULT_URL)
+        try:
+            self._on_duplicate = DuplicatePolicy(on_duplicate)
+        except ValueError:
+            raise InvalidArgumentError(
+                "on_duplicate", f"must be 'refuse' or 'replace', not {on_duplicate!r}"
+            ) from None
+        self._node_name = node_name or socket.gethostname()
+        self._auto_migrate = is_sqlite(self._url) if auto_migrate is None else auto_migrate
+        self._heartbeat_interval = heartbeat_interval
+        self._node_timeout = timedelta(seconds=node_timeout)
+        self._close_timeout = close_timeout
+        self._live = LiveMap()
+        self._engine: AsyncEngine | None = None
+        self._journal: Journal | None = None
+        self._history: History | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self.node_id = str(uuid.uuid4())
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def database_url(self) -> str:
+        """The database URL with any password hidden."""
+        return self._url.render_as_string(hide_password=True)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise RegistryClosedError("the registry is not started; await registry.start()")
+        return self._engine
+
+    @property
+    def history(self) -> History:
+        """History and statistics queries on the store (cluster-wide)."""
+        if self._history is None:
+            raise RegistryClosedError("the registry is not started; await registry.start()")
+        return self._history
+
+    @property
+    def journal(self) -> Journal:
+        if self._journal is None:
+            raise RegistryClosedError("the registry is not started; await registry.start()")
+        return self._journal
+
+    async def start(self) -> None:
+        """Migrate (or refuse), register this node run, recover from earlier runs, load state.
+
+        Raises :class:`StoreUnavailableError` when the database cannot be reached or written
+        and :class:`SchemaError` when its schema is behind or unknown; nothing is left open.
+        """
+        if self._engine is not None:
+            raise RegistryClosedError("the registry is already started")
+        engine = create_engine(self._url)
+        try:
+            await ensure_schema(engine, auto_migrate=self._auto_migrate)
+            await self._recover(engine)
+        except BaseException as exc:
+            await engine.dispose()
+            if isinstance(exc, SQLAlchemyError | OSError):
+                raise StoreUnavailableError(
+                    f"cannot open the registry database {self.database_url}: {describe(exc)}"
+                ) from exc
+            raise
+        self._engine = engine
+        self._journal = Journal(engine)
+        self._journal.start()
+        self._history = History(engine)
+        self._heartbeat_task = asyncio.get_running_loop().create_task(
+            self._heartbeat(), name="registry-node-heartbeat"
+        )
+
+    async def _recover(self, engine: AsyncEngine) -> None:
+        now = datetime.now(UTC)
+        async with engine.begin() as connection:
+            await connection.execute(
+                insert(models.nodes).values(
+                    node_id=self.node_id,
+                    name=self._node_name,
+                    hostname=socket.gethostname(),
+                    pid=os.getpid(),
+                    started_at=now,
+                    heartbeat_at=now,
+                )
+            )
+            await connection.execute(
+                insert(models.audit_events).values(
+                    at=now,
+                    node_id=self.node_id,
+                    kind=AuditKind.NODE_STARTED,
+                    details={"name": self._node_name, "pid": os.getpid()},
+                )
+            )
+            await close_gone_runs(
+                connection,
+                node_id=self.node_id,
+                node_name=self._node_name,
+                now=now,
+                node_timeout=self._node_timeout,
+                single_node=is_sqlite(self._url),
+            )
+            state = await load_state(connection)
+        self._live.sessions.update(state.sessions)
+        for session_id, role, client_id, link_id in state.links:
+            self._live.bind(role, client_id, session_id, link_id)
+        for device_id, (document, digest) in state.device_info.items():
+            self._live.device_info[device_id] = DeviceInfoEntry(document, digest)
+
+    async def _heartbeat(self) -> None:
+        journal = self.journal
+        while True:
+            await asyncio.sleep(self._heartbeat_interval)
+            journal.append(Op.NODE_BEAT, {"b_id": self.node_id, "b_at": datetime.now(UTC)})
+
+    async def close(self) -> None:
+        """Close every live connection record (reason ``server_shutdown``), mark active sessions
+        ``interrupted``, drain the journal and mark this node run stopped.
+
+        Raises :class:`StoreUnavailableError` if the journal cannot be drained within
+        ``close_timeout`` seconds.
+        """
+        if self._engine is None or self._journal is None:
+            return
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+            self._heartbeat_task = None
+        for client_id in list(self._live.clients):
+            self.remove_client(client_id, reason=REASON_SHUTDOWN)
+        for session in list(self._live.sessions.values()):
+            if session.state is SessionState.ACTIVE:
+                self._set_session(
+                    session,
+                    state=SessionState.INTERRUPTED,
+                    end_reason=REASON_SHUTDOWN,
+                    kind=AuditKind.SESSION_INTERRUPTED,
+                    at=datetime.now(UTC),
+                )
+        self._audit(AuditKind.NODE_STOPPED, datetime.now(UTC))
+        engine, journal = self._engine, self._journal
+        try:
+            await journal.close(self._close_timeout)
+            async with engine.begin() as connection:
+                now = datetime.now(UTC)
+                await connection.execute(
+                    update(models.nodes)
+                    .where(models.nodes.c.node_id == self.node_id)
+                    .values(heartbeat_at=now, stopped_at=now, stop_reason="shutdown")
+                )
+        except SQLAlchemyError as exc:
+            raise StoreUnavailableError(f"cannot mark the node stopped: {describe(exc)}") from exc
+        finally:
+            self._engine = self._journal = self._history = None
+            self._live = LiveMap()
+            await engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _check_open(self) -> None:
+        if self._journal is None:
+            raise RegistryClosedError("the registry is not started; await registry.start()")
+
+    async def flush(self) -> None:
+        """Return once every mutation made before this call is committed."""
+        await self.journal.flush()
+
+    # -- journalling helpers ---------------------------------------------------------------
+
+    def _append(self, op: Op, row: Row) -> int:
+        return self.journal.append(op, row)
+
+    def _audit(
+        self,
+        kind: AuditKind,
+        at: datetime,
+        *,
+        client_id: str | None = None,
+        session_id: str | None = None,
+        **details: Any,
+    ) -> int:
+        return self._append(
+            Op.AUDIT,
+            {
+                "at": at,
+                "node_id": self.node_id,
+                "kind": kind.value,
+                "client_id": client_id,
+                "session_id": session_id,
+                "details": details,
+            },
+        )
+
+    def _client_row(self, live: LiveClient, at: datetime) -> int:
+        info = live.info
+        return self._append(
+            Op.CLIENT,
+            {
+                "client_id": info.client_id,
+                "client_type": info.client_type.value,
+                "platform": info.platform,
+                "first_seen": at,
+                "last_seen": at,
+                "metadata": info.metadata,
+            },
+        )
+
+    # -- clients ---------------------------------------------------------------------------
+
+    def add_client(
+        self,
+        client_id: str,
+        platform: str,
+        websocket: Any,
+        client_type: ClientType | str,
+        metadata: dict[str, Any] | None = None,
+        *,
+        remote_address: str | None = None,
+    ) -> None:
+        """Register a new client connection on this node.
+
+        Raises :class:`InvalidArgumentError` for bad arguments and
+        :class:`DuplicateClientError` when ``client_id`` is live and the policy is ``refuse``;
+        in both cases nothing changes (a refused duplicate is audited).
+        """
+        self._add_client(client_id, platform, websocket, client_type, metadata, remote_address)
+
+    async def add_client_durable(
+        self,
+        client_id: str,
+        platform: str,
+        websocket: Any,
+        client_type: ClientType | str,
+        metadata: dict[str, Any] | None = None,
+        *,
+        remote_address: str | None = None,
+    ) -> ClientInfo:
+        """:meth:`add_client`, returning (a copy of) the new info once it is durable."""
+        live, sequence = self._add_client(
+            client_id, platform, websocket, client_type, metadata, remote_address
+        )
+        await self.journal.wait(sequence)
+        return LiveMap.copy_info(live)
+
+    def _add_client(
+        self,
+        client_id: str,
+        platform: str,
+        websocket: Any,
+        client_type: ClientType | str,
+        metadata: dict[str, Any] | None,
+        remote_address: str | None,
+    ) -> tuple[LiveClient, int]:
+        client_id = _require_id("client_id", client_id)
+        if not isinstance(platform, str) or len(platform) > MAX_ID_LENGTH:
+            raise InvalidArgumentError("platform", "must be a string of at most 255 characters")
+        kind = _client_type(client_type)
+        metadata_json = _require_document("metadata", {} if metadata is None else metadata)
+        if remote_address is not None and not isinstance(remote_address, str):
+            raise InvalidArgumentError("remote_address", "must be a string or None")
+        journal = self.journal
+        now = time.time()
+        at = _utc(now)
+        existing = self._live.clients.get(client_id)
+        if existing is not None:
+            if self._on_duplicate is DuplicatePolicy.REFUSE:
+                self._audit(
+                    AuditKind.CLIENT_DUPLICATE_REFUSED,
+                    at,
+                    client_id=client_id,
+                    live_connection_id=existing.info.connection_id,
+                    remote_address=remote_address,
+                )
+                raise DuplicateClientError(client_id)
+            self._close(existing, at, None, REASON_REPLACED, AuditKind.CLIENT_REPLACED)
+        info = ClientInfo(
+            client_id=client_id,
+            platform=platform,
+            websocket=websocket,
+            client_type=kind,
+            metadata=json.loads(metadata_json),
+            connect_time=now,
+            connection_id=str(uuid.uuid4()),
+            remote_address=remote_address,
+        )
+        live = LiveClient(info, metadata_json)
+        self._live.add(live)
+        self._client_row(live, at)
+        journal.append(
+            Op.CONNECTION_OPEN,
+            {
+                "connection_id": info.connection_id,
+                "client_id": client_id,
+                "node_id": self.node_id,
+                "client_type": kind.value,
+                "platform": platform,
+                "metadata": info.metadata,
+                "remote_address": remote_address,
+                "connected_at": at,
+            },
+        )
+        sequence = self._audit(
+            AuditKind.CLIENT_REGISTERED,
+            at,
+            client_id=client_id,
+            connection_id=info.connection_id,
+            client_type=kind.value,
+            platform=platform,
+            remote_address=remote_address,
+        )
+        return live, sequence
+
+    def remove_client(
+        self, client_id: str, *, code: int | None = None, reason: str | None = None
+    ) -> None:
+        """Remove a client from this node and close its connection record.
+
+        ``code`` and ``reason`` (default ``removed``) are recorded with the disconnect. The id
+        is free again at once. Session maps are left alone, as in the reference.
+        """
+        self._remove_client(client_id, code, reason)
+
+    async def remove_client_durable(
+        self, client_id: str, *, code: int | None = None, reason: str | None = None
+    ) -> None:
+        """:meth:`remove_client`, returning once the disconnect is durable."""
+        sequence = self._remove_client(client_id, code, reason)
+        if sequence is not None:
+            await self.journal.wait(sequence)
+
+    def _remove_client(self, client_id: str, code: int | None, reason: str | None) -> int | None:
+        if code is not None and not isinstance(code, int):
+            raise InvalidArgumentError("code", "must be an integer or None")
+        if reason is not None and not isinstance(reason, str):
+            raise InvalidArgumentError("reason", "must be a string or None")
+        live = self._live.clients.get(client_id) if isinstance(client_id, str) else None
+        if live is None:
+            return None
+        self._check_open()
+        return self._close(
+            live, _utc(time.time()), code, reason or REASON_REMOVED, AuditKind.CLIENT_REMOVED
+        )
+
+    def _close(
+        self, live: LiveClient, at: datetime, code: int | None, reason: str, kind: AuditKind
+    ) -> int:
+        info = live.info
+        self._live.pop(info.client_id)
+        self._append(
+            Op.CONNECTION_CLOSE,
+            {"b_id": info.connection_id, "b_at": at, "b_code": code, "b_reason": reason},
+        )
+        self._client_row(live, at)
+        return self._audit(
+            kind,
+            at,
+            client_id=info.client_id,
+            connection_id=info.connection_id,
+            code=code,
+            reason=reason,
+            seconds=round(at.timestamp() - info.connect_time, 6),
+        )
+
+    def get_client(self, client_id: str) -> Any | None:
+        """The WebSocket of a live client, or None."""
+        live = self._live.clients.get(client_id)
+        return live.info.websocket if live else None
+
+    def get_client_info(self, client_id: str) -> ClientInfo | None:
+        """A copy of a live client's info, or None."""
+        live = self._live.clients.get(client_id)
+        return LiveMap.copy_info(live) if live else None
+
+    def get_all_clients(self) -> list[ClientInfo]:
+        """Copies of the info of every client live on this node."""
+        return [LiveMap.copy_info(live) for live in self._live.clients.values()]
+
+    def is_device_connected(self, device_id: str) -> bool:
+        """True when ``device_id`` is live on this node as a device."""
+        live = self._live.clients.get(device_id)
+        return live is not None and live.info.client_type is ClientType.DEVICE
+
+    def is_online(self, client_id: str) -> bool:
+        """True when ``client_id`` is live on this node."""
+        return client_id in self._live.clients
+
+    def get_online_count(self) -> int:
+        """Number of clients live on this node."""
+        return len(self._live.clients)
+
+    def get_clients_by_type(self, client_type: ClientType) -> list[ClientInfo]:
+        """Copies of this node's live clients of one type (O(size of the answer))."""
+        try:
+            kind = ClientType(client_type)
+        except ValueError:
+            return []
+        return [LiveMap.copy_info(live) for live in self._live.by_type[kind].values()]
+
+    def get_clients_by_platform(self, platform: str) -> list[ClientInfo]:
+        """Copies of this node's live clients on ``platform`` (case-insensitive)."""
+        if not isinstance(platform, str):
+            return []
+        same = self._live.by_platform.get(platform.lower(), {})
+        return [LiveMap.copy_info(live) for live in same.values()]
+
+    # -- session maps (reference) ----------------------------------------------------------
+
+    def add_constellation_session(self, constellation_id: str, session_id: str) -> None:
+        """Map a session to its constellation orchestrator."""
+        self._bind(LinkRole.CONSTELLATION, constellation_id, session_id)
+
+    def add_device_session(self, device_id: str, session_id: str) -> None:
+        """Map a session to the device executing it."""
+        self._bind(LinkRole.DEVICE, device_id, session_id)
+
+    def get_constellation_sessions(self, constellation_id: str) -> set[str]:
+        """A copy of the sessions mapped to a constellation."""
+        return set(self._live.session_maps[LinkRole.CONSTELLATION].get(constellation_id, ()))
+
+    def get_device_sessions(self, device_id: str) -> set[str]:
+        """A copy of the sessions mapped to a device."""
+        return set(self._live.session_maps[LinkRole.DEVICE].get(device_id, ()))
+
+    def remove_constellation_sessions(self, constellation_id: str) -> None:
+        """Remove all session mappings of a constellation (O(its links))."""
+        self._unbind_client(LinkRole.CONSTELLATION, constellation_id)
+
+    def remove_device_sessions(self, device_id: str) -> None:
+        """Remove all session mappings of a device (O(its links))."""
+        self._unbind_client(LinkRole.DEVICE, device_id)
+
+    def remove_session(
+        self,
+        session_id: str,
+        *,
+        state: SessionState | str = SessionState.COMPLETED,
+        reason: str | None = None,
+    ) -> None:
+        """Remove a session from all mappings (O(its links)).
+
+        A session still active ends in ``state`` (default ``completed``) with ``reason``.
+        """
+        self._end(session_id, state, reason)
+
+    def _bind(self, role: LinkRole, client_id: str, session_id: str) -> int | None:
+        client_id = _require_id("client_id", client_id)
+        session_id = _require_id("session_id", session_id)
+        self._check_open()
+        at = datetime.now(UTC)
+        session = self._live.sessions.get(session_id)
+        if session is None:
+            session = SessionInfo(
+                session_id=session_id,
+                owner_id=client_id,
+                executor_id=client_id if role is LinkRole.DEVICE else None,
+                task_name=None,
+                state=SessionState.ACTIVE,
+                created_at=at,
+            )
+            self._set_session(session, kind=None, at=at)
+        elif role is LinkRole.DEVICE and session.executor_id is None:
+            self._set_session(session, executor_id=client_id, kind=None, at=at)
+        link_id = str(uuid.uuid4())
+        if not self._live.bind(role, client_id, session_id, link_id):
+            return None
+        self._append(
+            Op.LINK_OPEN,
+            {
+                "link_id": link_id,
+                "session_id": session_id,
+                "client_id": client_id,
+                "role": role.value,
+                "bound_at": at,
+            },
+        )
+        return self._audit(
+            AuditKind.SESSION_BOUND, at, client_id=client_id, session_id=session_id, role=role
+        )
+
+    def _unbind_client(self, role: LinkRole, client_id: str) -> None:
+        if not isinstance(client_id, str) or client_id not in self._live.session_maps[role]:
+            return
+        self._check_open()
+        at = datetime.now(UTC)
+        for session_id, link_id in self._live.unbind_client(role, client_id):
+            self._append(Op.LINK_CLOSE, {"b_id": link_id, "b_at": at})
+            self._audit(
+                AuditKind.SESSION_UNBOUND, at, client_id=client_id, session_id=session_id, role=role
+            )
+            if session_id not in self._live.links:
+                self._forget(session_id, at)
+
+    def _forget(self, session_id: str, at: datetime) -> None:
+        """Drop a session left without links; an active one ends ``cancelled``."""
+        session = self._live.sessions.pop(session_id, None)
+        if session is not None and session.state is SessionState.ACTIVE:
+            self._set_session(
+                session,
+                state=SessionState.CANCELLED,
+                ended_at=at,
+                end_reason=REASON_UNLINKED,
+                kind=AuditKind.SESSION_ENDED,
+                at=at,
+            )
+
+    def _end(self, session_id: str, state: SessionState | str, reason: str | None) -> int | None:
+        try:
+            final = SessionState(state)
+        except ValueError:
+            final = SessionState.ACTIVE
+        if final is SessionState.ACTIVE:
+            raise InvalidArgumentError("state", f"must be a final session state, not {state!r}")
+        if reason is not None and not isinstance(reason, str):
+            raise InvalidArgumentError("reason", "must be a string or None")
+        if not isinstance(session_id, str):
+            return None
+        session = self._live.sessions.get(session_id)
+        if session is None:
+            return None
+        self._check_open()
+        at = datetime.now(UTC)
+        sequence = None
+        for role, client_id, link_id in self._live.unbind_session(session_id):
+            self._append(Op.LINK_CLOSE, {"b_id": link_id, "b_at": at})
+            sequence = self._audit(
+                AuditKind.SESSION_UNBOUND, at, client_id=client_id, session_id=session_id, role=role
+            )
+        del self._live.sessions[session_id]
+        if session.state in (SessionState.ACTIVE, SessionState.INTERRUPTED):
+            sequence = self._set_session(
+                session,
+                state=final,
+                ended_at=at,
+                end_reason=reason,
+                kind=AuditKind.SESSION_ENDED,
+                at=at,
+            )
+        return sequence
+
+    def _set_session(
+        self, session: SessionInfo, *, kind: AuditKind | None, at: datetime, **changes: Any
+    ) -> int:
+        """Record ``session`` with ``changes`` in memory (while not final) and in the journal."""
+        if changes:
+            session = dataclasses.replace(session, **changes)
+        if session.state in (SessionState.ACTIVE, SessionState.INTERRUPTED):
+            self._live.sessions[session.session_id] = session
+        sequence = self._append(
+            Op.SESSION,
+            {**dataclasses.asdict(session), "state": session.state.value, "node_id": self.node_id},
+        )
+        if kind is not None:
+            sequence = self._audit(
+                kind,
+                at,
+                client_id=session.owner_id,
+                session_id=session.session_id,
+                state=session.state.value,
+                reason=session.end_reason,
+            )
+        return sequence
+
+    # -- session lifecycle (server) --------------------------------------------------------
+
+    def get_session(self, session_id: str) -> SessionInfo | None:
+        """The session if this node knows it as active or interrupted."""
+        return self._live.sessions.get(session_id)
+
+    def get_interrupted_sessions(self, client_id: str) -> list[SessionInfo]:
+        """Sessions owned by ``client_id`` that a server restart interrupted (O(its links))."""
+        found = []
+        for session_id in self._live.sessions_of(client_id):
+            session = self._live.sessions.get(session_id)
+            if (
+                session is not None
+                and session.owner_id == client_id
+                and session.state is SessionState.INTERRUPTED
+            ):
+                found.append(session)
+        return found
+
+    async def open_session(
+        self,
+        session_id: str,
+        *,
+        owner_id: str,
+        executor_id: str,
+        task_name: str | None = None,
+    ) -> SessionInfo:
+        """Start (or restart) a session owned by ``owner_id`` and run by ``executor_id``; return
+        once it is durable.
+
+        When owner and executor differ the owner is mapped as the constellation and the
+        executor as the device; otherwise the owner is mapped as the device running its own
+        task. A session id belongs to the client that first created it, also across restarts:
+        another client gets :class:`SessionOwnershipError` and nothing changes.
+        """
+        session_id = _require_id("session_id", session_id)
+        owner_id = _require_id("owner_id", owner_id)
+        executor_id = _require_id("executor_id", executor_id)
+        if task_name is not None:
+            task_name = _require_id("task_name", task_name)
+        if session_id not in self._live.sessions:
+            stored_owner = await self.history.session_owner(session_id)
+            if stored_owner is not None and stored_owner != owner_id:
+                raise SessionOwnershipError(session_id, stored_owner)
+        existing = self._live.sessions.get(session_id)  # again: the await may have let one in
+        if existing is not None and existing.owner_id != owner_id:
+            raise SessionOwnershipError(session_id, existing.owner_id)
+        at = datetime.now(UTC)
+        session = SessionInfo(
+            session_id=session_id,
+            owner_id=owner_id,
+            executor_id=executor_id,
+            task_name=task_name,
+            state=SessionState.ACTIVE,
+            created_at=existing.created_at if existing else at,
+        )
+        sequence = self._set_session(session, kind=AuditKind.SESSION_OPENED, at=at)
+        if owner_id != executor_id:
+            sequence = self._bind(LinkRole.CONSTELLATION, owner_id, session_id) or sequence
+        sequence = self._bind(LinkRole.DEVICE, executor_id, session_id) or sequence
+        await self.journal.wait(sequence)
+        return session
+
+    async def end_session(
+        self, session_id: str, state: SessionState | str, reason: str | None = None
+    ) -> None:
+        """:meth:`remove_session` with an explicit final state, returning once durable."""
+        sequence = self._end(session_id, state, reason)
+        if sequence is not None:
+            await self.journal.wait(sequence)
+
+    # -- device info -----------------------------------------------------------------------
+
+    def set_device_info(self, device_id: str, device_info: dict[str, Any]) -> None:
+        """Cache a device's system information; a snapshot is stored when it changed."""
+        self._set_device_info(device_id, device_info)
+
+    async def set_device_info_durable(self, device_id: str, device_info: dict[str, Any]) -> None:
+        """:meth:`set_device_info`, returning once the snapshot (if any) is durable."""
+        sequence = self._set_device_info(device_id, device_info)
+        if sequence is not None:
+            await self.journal.wait(sequence)
+
+    def _set_device_info(self, device_id: str, device_info: dict[str, Any]) -> int | None:
+        device_id = _require_id("device_id", device_id)
+        document = _require_document("device_info", device_info)
+        self._check_open()
+        digest = hashlib.sha256(document.encode()).hexdigest()
+        cached = self._live.device_info.get(device_id)
+        if cached is not None and cached.digest == digest:
+            return None
+        self._live.device_info[device_id] = DeviceInfoEntry(document, digest)
+        at = datetime.now(UTC)
+        self._append(
+            Op.DEVICE_INFO,
+            {
+                "device_id": device_id,
+                "captured_at": at,
+                "digest": digest,
+                "info": json.loads(document),
+            },
+        )
+        return self._audit(AuditKind.DEVICE_INFO_CHANGED, at, client_id=device_id, digest=digest)
+
+    def get_device_info(self, device_id: str) -> dict[str, Any] | None:
+        """A copy of a device's cached information, or None."""
+        cached = self._live.device_info.get(device_id)
+        if cached is None:
+            return None
+        info: dict[str, Any] = json.loads(cached.document)
+        return info
+
+
+WSManager = Registry
+"""The reference's name for the registry."""

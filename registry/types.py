@@ -1,0 +1,177 @@
+"""Value types shared by the live map, the store and the API.
+
+Records returned by queries are frozen dataclasses; ORM objects never leave the store.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+
+class ClientType(enum.StrEnum):
+    """Role of a connected client (same values as the AIP ``client_type``)."""
+
+    DEVICE = "device"
+    CONSTELLATION = "constellation"
+
+
+class SessionState(enum.StrEnum):
+    """Lifecycle state of a session. Only ``active`` is not final; ``interrupted`` marks a session
+    that was active when its server run ended without closing it."""
+
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+class LinkRole(enum.StrEnum):
+    """Which of the reference's two session maps a link belongs to."""
+
+    CONSTELLATION = "constellation"
+    DEVICE = "device"
+
+
+class DuplicatePolicy(enum.StrEnum):
+    """What ``add_client`` does with a client id that is already live on this node."""
+
+    REFUSE = "refuse"
+    REPLACE = "replace"
+
+
+@dataclass(slots=True)
+class ClientInfo:
+    """One live client of this node, as in the reference ``WSManager``.
+
+    The registry hands out copies: mutating one (or its ``metadata``) changes nothing inside.
+    ``connect_time`` is a ``time.time()`` float like the reference's; ``connection_id`` names the
+    row of the ``connections`` table that records this connection.
+    """
+
+    client_id: str
+    platform: str
+    websocket: Any
+    client_type: ClientType
+    metadata: dict[str, Any]
+    connect_time: float
+    connection_id: str = ""
+    remote_address: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A session this node knows: who asked for it (owner) and who runs it (executor)."""
+
+    session_id: str
+    owner_id: str | None
+    executor_id: str | None
+    task_name: str | None
+    state: SessionState
+    created_at: datetime
+    ended_at: datetime | None = None
+    end_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRecord:
+    """One row of the connection history."""
+
+    connection_id: str
+    client_id: str
+    node_id: str
+    client_type: ClientType
+    platform: str
+    metadata: dict[str, Any]
+    remote_address: str | None
+    connected_at: datetime
+    disconnected_at: datetime | None
+    close_code: int | None
+    close_reason: str | None
+
+    @property
+    def duration_seconds(self) -> float | None:
+        """Seconds connected, or ``None`` while the connection is open."""
+        if self.disconnected_at is None:
+            return None
+        return (self.disconnected_at - self.connected_at).total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """One row of the session history."""
+
+    session_id: str
+    owner_id: str | None
+    executor_id: str | None
+    task_name: str | None
+    state: SessionState
+    node_id: str | None
+    created_at: datetime
+    ended_at: datetime | None
+    end_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfoSnapshot:
+    """A device's system information as captured at one time."""
+
+    device_id: str
+    captured_at: datetime
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One entry of the append-only audit trail; ``event_id`` orders the trail."""
+
+    event_id: int
+    at: datetime
+    node_id: str | None
+    kind: str
+    client_id: str | None
+    session_id: str | None
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    """Cluster-wide figures from the store.
+
+    ``online_by_type`` and ``online_by_platform`` count open connections now; the rest cover
+    connections opened in ``[since, until)``. ``mean_duration_seconds`` averages the closed ones.
+    """
+
+    since: datetime
+    until: datetime
+    online_by_type: dict[str, int]
+    online_by_platform: dict[str, int]
+    connections: int
+    distinct_clients: int
+    mean_duration_seconds: float | None
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a query. Pass ``next_cursor`` back to get the next; ``None`` means last."""
+
+    items: list[T] = field(default_factory=list)
+    next_cursor: str | None = None
+
+
+def canonical_json(value: Any, argument: str) -> str:
+    """Serialise ``value`` as canonical JSON (sorted keys, no NaN), or raise
+    :class:`~registry.errors.InvalidArgumentError` naming ``argument``."""
+    from registry.errors import InvalidArgumentError
+
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(argument, f"must be JSON-serialisable ({exc})") from exc
