@@ -1,0 +1,129 @@
+"""The HTTP API that existing tools expect (PROTOCOL.md), under ``/api``.
+
+Every route answers from memory: none of them waits on the database or on a client.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, cast
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel
+
+from registry.registry import Registry
+from registry.server.peer import Peer
+from registry.server.protocol import ServerMessage, ServerMessageType, TaskStatus
+from registry.server.sessions import SessionManager
+from registry.server.ws import sanitise_task_name, token_matches
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
+
+
+class DispatchRequest(BaseModel):
+    client_id: str | None = None
+    request: str | None = None
+    task_name: str | None = None
+
+
+def require_api_key(request: Request, key: str | None = Depends(_api_key_header)) -> None:
+    """401 unless the ``X-API-Key`` header matches the configured key (if any)."""
+    expected: str | None = request.app.state.settings.api_key
+    if expected is None:
+        return
+    if key is None:
+        raise HTTPException(status_code=401, detail="Missing API key (X-API-Key header)")
+    if not token_matches(key, expected):
+        raise HTTPException(status_code=401, detail="Invalid API key")
+
+
+def _registry(request: Request) -> Registry:
+    registry: Registry = request.app.state.registry
+    return registry
+
+
+def _sessions(request: Request) -> SessionManager:
+    sessions: SessionManager = request.app.state.sessions
+    return sessions
+
+
+RegistryDep = Annotated[Registry, Depends(_registry)]
+SessionsDep = Annotated[SessionManager, Depends(_sessions)]
+
+
+def _online(registry: Registry) -> list[str]:
+    return [info.client_id for info in registry.get_all_clients()]
+
+
+def create_router() -> APIRouter:
+    """The ``/api`` routes; they find the registry and sessions on ``app.state``."""
+    router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)])
+
+    @router.get("/clients")
+    async def list_clients(registry: RegistryDep) -> dict[str, list[str]]:
+        """Ids of the clients connected to this node."""
+        return {"online_clients": _online(registry)}
+
+    @router.get("/health", response_model=None)
+    async def health(registry: RegistryDep) -> dict[str, Any] | JSONResponse:
+        """``healthy`` while the store accepts writes; ``degraded`` (503) while it does not."""
+        store_error = registry.journal.last_error
+        if store_error is not None:
+            return JSONResponse(
+                status_code=503,
+                content={
+                    "status": "degraded",
+                    "error": str(store_error),
+                    "online_clients": _online(registry),
+                },
+            )
+        return {"status": "healthy", "online_clients": _online(registry)}
+
+    @router.post("/dispatch")
+    async def dispatch(body: DispatchRequest, registry: RegistryDep) -> dict[str, str]:
+        """Send a ``task`` frame carrying ``request`` to a connected client."""
+        if not body.request:
+            raise HTTPException(status_code=400, detail="Empty task content")
+        if not body.client_id:
+            raise HTTPException(status_code=400, detail="Empty client ID")
+        if body.task_name is not None and sanitise_task_name(body.task_name) != body.task_name:
+            raise HTTPException(
+                status_code=400,
+                detail="Unsafe task_name: use only letters, digits, '.', '_' and '-', "
+                "not starting with '.'",
+            )
+        task_name = body.task_name or str(uuid.uuid4())
+        peer = cast(Peer | None, registry.get_client(body.client_id))
+        if peer is None:
+            raise HTTPException(status_code=404, detail="Client not online")
+        session_id = str(uuid.uuid4())
+        sent = await peer.send(
+            ServerMessage(
+                type=ServerMessageType.TASK,
+                status=TaskStatus.CONTINUE,
+                user_request=body.request,
+                task_name=task_name,
+                session_id=session_id,
+                response_id=str(uuid.uuid4()),
+            )
+        )
+        if not sent:
+            raise HTTPException(status_code=404, detail="Client not online")
+        return {
+            "status": "dispatched",
+            "task_name": task_name,
+            "client_id": body.client_id,
+            "session_id": session_id,
+        }
+
+    @router.get("/task_result/{task_name}")
+    async def task_result(task_name: str, sessions: SessionsDep) -> dict[str, Any]:
+        """``pending`` until a session of that task name has ended, then its result."""
+        result = sessions.results.get(task_name)
+        if result is None:
+            return {"status": "pending"}
+        return {"status": "done", "result": result}
+
+    return router

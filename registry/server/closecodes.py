@@ -1,0 +1,32 @@
+"""WebSocket close codes the server uses, all in one place.
+
+Codes in the 4000-4999 band are the application's own; the others are the standard ones that
+the server (or uvicorn beneath it) sends.
+"""
+
+from __future__ import annotations
+
+NORMAL = 1000
+GOING_AWAY = 1001  # the server is shutting down
+POLICY_VIOLATION = 1008  # refused before accept: the handshake answers HTTP 403
+MESSAGE_TOO_BIG = 1009  # a frame over max_frame_bytes (sent by uvicorn)
+INTERNAL_ERROR = 1011
+SERVICE_RESTART = 1012  # uvicorn's close on shutdown
+
+INVALID_REGISTRATION = 4400  # the first frame was not a valid register frame
+TARGET_NOT_CONNECTED = 4404  # a constellation's target device is not connected
+IDLE_TIMEOUT = 4408  # no frame within idle_timeout (or handshake_timeout)
+DUPLICATE_CLIENT = 4409  # the client id is already live
+SLOW_CONSUMER = 4410  # a send waited longer than send_timeout on a peer that does not read
+STORE_UNAVAILABLE = 4503  # the registration could not be made durable
+
+#: Disconnect reasons recorded for standard codes a client (or uvicorn) closes with.
+REASONS = {
+    NORMAL: "client_closed",
+    GOING_AWAY: "going_away",
+    1005: "client_closed",
+    1006: "connection_lost",
+    MESSAGE_TOO_BIG: "message_too_big",
+    INTERNAL_ERROR: "internal_error",
+    SERVICE_RESTART: "server_shutdown",
+}

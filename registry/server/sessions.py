@@ -1,0 +1,349 @@
+"""Sessions: the runner interface the embedding application implements, and the plumbing the
+server gives it (commands to the executor, results by ``response_id``, ``task_end`` at the end).
+
+A *runner* is the application's agent loop. For each accepted task the server calls
+``await runner.run(context)``; the runner drives the executing device with
+``await context.send_command(actions)`` and returns a :class:`SessionOutcome`. When a client
+reconnects after a server restart, each session it owned that the restart interrupted is handed
+to ``await runner.resume(context)``. :class:`RelayRunner`, the default, relays the request to the
+device as one command round trip and ends interrupted sessions as failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
+
+from registry.errors import RegistryError
+from registry.registry import Registry
+from registry.server.peer import Peer
+from registry.server.protocol import (
+    ClientMessage,
+    Command,
+    Result,
+    ResultStatus,
+    ServerMessage,
+    ServerMessageType,
+    TaskStatus,
+)
+from registry.types import SessionState
+
+logger = logging.getLogger(__name__)
+
+DEVICE_DISCONNECTED = "Task was cancelled because target device disconnected"
+REQUESTER_DISCONNECTED = "Task was cancelled because the requester disconnected"
+SERVER_RESTARTED = "server restarted"
+TASK_RESULTS_KEPT = 10_000
+
+
+class SessionError(RegistryError):
+    """A session could not go on (its executor left, or a command timed out)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOutcome:
+    """How a session ended: ``completed`` or ``failed``, with a result and/or an error."""
+
+    status: TaskStatus
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class SessionContext:
+    """One session as its runner sees it."""
+
+    session_id: str
+    task_name: str
+    request: str | None
+    owner_id: str
+    executor_id: str
+    _manager: SessionManager = field(repr=False)
+
+    @property
+    def from_constellation(self) -> bool:
+        return self.owner_id != self.executor_id
+
+    async def send_command(
+        self, actions: list[Command], *, result_timeout: float | None = None
+    ) -> list[Result]:
+        """Send ``actions`` to the executor as one ``command`` frame and return its
+        ``command_results``. Raises :class:`SessionError` if the executor is gone or does not
+        answer within ``result_timeout`` (default: the server's ``command_timeout``)."""
+        return await self._manager.command(self, actions, result_timeout)
+
+
+class SessionRunner(Protocol):
+    """The embedding application's agent loop."""
+
+    async def run(self, context: SessionContext) -> SessionOutcome:
+        """Drive one session to its end."""
+        ...
+
+    async def resume(self, context: SessionContext) -> SessionOutcome:
+        """Resume or end a session a server restart interrupted, when its owner is back."""
+        ...
+
+
+class RelayRunner:
+    """Relays the request to the executing device as one ``action`` command and ends the
+    session with what the device answered. Interrupted sessions end ``failed``."""
+
+    async def run(self, context: SessionContext) -> SessionOutcome:
+        results = await context.send_command(
+            [
+                Command(
+                    tool_name="execute_task",
+                    parameters={"request": context.request, "task_name": context.task_name},
+                    tool_type="action",
+                    call_id=str(uuid.uuid4()),
+                )
+            ]
+        )
+        payload = [result.model_dump() for result in results]
+        failures = [result for result in results if result.status is ResultStatus.FAILURE]
+        if failures:
+            return SessionOutcome(TaskStatus.FAILED, payload, failures[0].error or "failed")
+        return SessionOutcome(TaskStatus.COMPLETED, payload)
+
+    async def resume(self, context: SessionContext) -> SessionOutcome:
+        return SessionOutcome(TaskStatus.FAILED, error=SERVER_RESTARTED)
+
+
+@dataclass(slots=True)
+class _Pending:
+    session_id: str
+    executor_id: str
+    future: asyncio.Future[list[Result]]
+
+
+class SessionManager:
+    """Runs sessions as tasks, routes ``command_results`` back, and ends sessions exactly once.
+
+    Every session change goes through the registry (durably), so it is persisted and audited.
+    """
+
+    def __init__(self, registry: Registry, runner: SessionRunner, command_timeout: float) -> None:
+        self._registry = registry
+        self._runner = runner
+        self._command_timeout = command_timeout
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._contexts: dict[str, SessionContext] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._owned: dict[str, set[str]] = {}
+        #: task name -> final result, for /api/task_result (bounded, oldest dropped).
+        self.results: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def is_running(self, session_id: str) -> bool:
+        return session_id in self._contexts
+
+    def active_count(self, owner_id: str) -> int:
+        return len(self._owned.get(owner_id, ()))
+
+    def _peer(self, client_id: str) -> Peer | None:
+        return cast(Peer | None, self._registry.get_client(client_id))
+
+    def start(self, context: SessionContext) -> None:
+        """Run ``context`` with the runner in a task of its own."""
+        self._contexts[context.session_id] = context
+        self._owned.setdefault(context.owner_id, set()).add(context.session_id)
+        self._tasks[context.session_id] = asyncio.get_running_loop().create_task(
+            self._run(context, resume=False), name=f"session-{context.session_id}"
+        )
+
+    def context(
+        self,
+        session_id: str,
+        task_name: str,
+        request: str | None,
+        owner_id: str,
+        executor_id: str,
+    ) -> SessionContext:
+        return SessionContext(session_id, task_name, request, owner_id, executor_id, self)
+
+    async def _run(self, context: SessionContext, *, resume: bool) -> None:
+        try:
+            if resume:
+                outcome = await self._runner.resume(context)
+            else:
+                outcome = await self._runner.run(context)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("session %s failed in its runner: %s", context.session_id, exc)
+            outcome = SessionOutcome(TaskStatus.FAILED, error=str(exc) or type(exc).__name__)
+        await self._finish(context, outcome, notify_executor=context.from_constellation)
+
+    def _claim(self, session_id: str) -> SessionContext | None:
+        """Take a session out of the running set; only the first caller gets it."""
+        context = self._contexts.pop(session_id, None)
+        if context is not None:
+            owned = self._owned.get(context.owner_id)
+            if owned is not None:
+                owned.discard(session_id)
+                if not owned:
+                    del self._owned[context.owner_id]
+        return context
+
+    async def _finish(
+        self, context: SessionContext, outcome: SessionOutcome, *, notify_executor: bool
+    ) -> None:
+        if self._claim(context.session_id) is None:
+            return  # ended already by a disconnect
+        self._tasks.pop(context.session_id, None)
+        state = (
+            SessionState.COMPLETED
+            if outcome.status is TaskStatus.COMPLETED
+            else SessionState.FAILED
+        )
+        await self._end(context, outcome, state, notify_executor=notify_executor)
+
+    async def _end(
+        self,
+        context: SessionContext,
+        outcome: SessionOutcome,
+        state: SessionState,
+        *,
+        notify_executor: bool,
+    ) -> None:
+        await self._registry.end_session(context.session_id, state, outcome.error)
+        self.results[context.task_name] = {
+            "status": outcome.status.value,
+            "result": outcome.result,
+            "error": outcome.error,
+            "session_id": context.session_id,
+        }
+        self.results.move_to_end(context.task_name)
+        while len(self.results) > TASK_RESULTS_KEPT:
+            self.results.popitem(last=False)
+        message = ServerMessage(
+            type=ServerMessageType.TASK_END,
+            status=outcome.status,
+            session_id=context.session_id,
+            task_name=context.task_name,
+            result=outcome.result,
+            error=outcome.error,
+            response_id=str(uuid.uuid4()),
+        )
+        recipients = [context.owner_id]
+        if notify_executor:
+            recipients.append(context.executor_id)
+        for client_id in recipients:
+            peer = self._peer(client_id)
+            if peer is not None:
+                await peer.send(message)
+
+    async def command(
+        self, context: SessionContext, actions: list[Command], result_timeout: float | None
+    ) -> list[Result]:
+        peer = self._peer(context.executor_id)
+        if peer is None:
+            raise SessionError(f"executor '{context.executor_id}' is not connected")
+        response_id = str(uuid.uuid4())
+        future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
+        self._pending[response_id] = _Pending(context.session_id, context.executor_id, future)
+        try:
+            sent = await peer.send(
+                ServerMessage(
+                    type=ServerMessageType.COMMAND,
+                    status=TaskStatus.CONTINUE,
+                    actions=actions,
+                    session_id=context.session_id,
+                    task_name=context.task_name,
+                    response_id=response_id,
+                )
+            )
+            if not sent:
+                raise SessionError(f"executor '{context.executor_id}' is not connected")
+            try:
+                async with asyncio.timeout(result_timeout or self._command_timeout):
+                    return await future
+            except TimeoutError:
+                raise SessionError(
+                    f"no command_results from '{context.executor_id}' within "
+                    f"{result_timeout or self._command_timeout:.0f}s"
+                ) from None
+        finally:
+            self._pending.pop(response_id, None)
+
+    def deliver(self, client_id: str, message: ClientMessage) -> bool:
+        """Hand ``command_results`` to the command awaiting them. Results for an unknown
+        session or response, or from a client that is not the executor, are dropped."""
+        pending = self._pending.get(message.prev_response_id or "")
+        if (
+            pending is None
+            or pending.executor_id != client_id
+            or pending.session_id != message.session_id
+            or pending.future.done()
+        ):
+            return False
+        pending.future.set_result(list(message.action_results or []))
+        return True
+
+    async def _abort(
+        self,
+        session_id: str,
+        outcome: SessionOutcome,
+        state: SessionState,
+        *,
+        notify_executor: bool,
+    ) -> None:
+        context = self._claim(session_id)
+        if context is None:
+            return
+        task = self._tasks.pop(session_id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._end(context, outcome, state, notify_executor=notify_executor)
+
+    async def executor_left(self, device_id: str) -> None:
+        """Fail every session ``device_id`` was executing; tell each requester."""
+        for session_id in self._registry.get_device_sessions(device_id):
+            context = self._contexts.get(session_id)
+            if context is not None and context.executor_id == device_id:
+                await self._abort(
+                    session_id,
+                    SessionOutcome(TaskStatus.FAILED, error=DEVICE_DISCONNECTED),
+                    SessionState.FAILED,
+                    notify_executor=False,
+                )
+
+    async def owner_left(self, owner_id: str) -> None:
+        """Cancel every session ``owner_id`` requested; tell the executing devices."""
+        for session_id in list(self._owned.get(owner_id, ())):
+            context = self._contexts[session_id]
+            await self._abort(
+                session_id,
+                SessionOutcome(TaskStatus.FAILED, error=REQUESTER_DISCONNECTED),
+                SessionState.CANCELLED,
+                notify_executor=context.from_constellation,
+            )
+
+    async def resume_interrupted(self, owner_id: str) -> None:
+        """Hand each session of ``owner_id`` that a restart interrupted to the runner."""
+        for session in self._registry.get_interrupted_sessions(owner_id):
+            context = self.context(
+                session.session_id,
+                session.task_name or session.session_id,
+                None,
+                owner_id,
+                session.executor_id or owner_id,
+            )
+            self._contexts[session.session_id] = context
+            self._owned.setdefault(owner_id, set()).add(session.session_id)
+            await self._run(context, resume=True)
+
+    async def close(self) -> None:
+        """Cancel every running session task and wait for them."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()

@@ -1,0 +1,334 @@
+"""The ``/ws`` endpoint: PROTOCOL.md's handshake, identity pinning and message handling.
+
+Frames of one connection are handled in order, in its own receive loop; sessions run as tasks
+of the :class:`~registry.server.sessions.SessionManager`, at most ``max_sessions_per_client``
+per requester. Whatever way the loop ends, ``finally`` records the disconnect with its close
+code and reason and frees the client id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from registry.errors import (
+    DuplicateClientError,
+    InvalidArgumentError,
+    SessionOwnershipError,
+    StoreUnavailableError,
+)
+from registry.registry import Registry
+from registry.server import closecodes
+from registry.server.peer import Peer
+from registry.server.protocol import (
+    ClientMessage,
+    ClientMessageType,
+    ServerMessage,
+    ServerMessageType,
+    TaskStatus,
+    ack,
+    error,
+    registration_ack,
+)
+from registry.server.sessions import SessionManager
+from registry.settings import Settings
+from registry.types import ClientType
+
+logger = logging.getLogger(__name__)
+
+_UNSAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
+_MESSAGE_TYPES = {kind.value for kind in ClientMessageType}
+
+
+def sanitise_task_name(name: str | None) -> str:
+    """``[A-Za-z0-9._-]`` only (others become ``_``), no leading dots; a uuid4 when empty."""
+    if not name:
+        return str(uuid.uuid4())
+    cleaned = _UNSAFE_NAME_CHARACTERS.sub("_", name).lstrip(".")
+    return cleaned or str(uuid.uuid4())
+
+
+def token_matches(given: str | None, expected: str | None) -> bool:
+    """Constant-time check of a presented key; anything goes when no key is configured."""
+    if expected is None:
+        return True
+    return given is not None and secrets.compare_digest(given.encode(), expected.encode())
+
+
+class _Closed(Exception):
+    """The server closed the connection on purpose; ``code``/``reason`` are recorded."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class _Connection:
+    peer: Peer
+    client_id: str
+    client_type: ClientType
+    target_id: str | None
+
+
+def _parse(text: str) -> ClientMessage | str:
+    """A client frame, or the text of the error frame to answer it with."""
+    try:
+        raw: Any = json.loads(text)
+    except ValueError as exc:
+        return f"Invalid message: not valid JSON ({exc.args[0] if exc.args else exc})"
+    if not isinstance(raw, dict):
+        return "Invalid message: expected a JSON object"
+    kind = raw.get("type")
+    if isinstance(kind, str) and kind not in _MESSAGE_TYPES:
+        return f"Unknown message type: {kind}"
+    try:
+        return ClientMessage.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in problem['loc']) or 'message'}: {problem['msg']}"
+            for problem in exc.errors()[:5]
+        )
+        return f"Invalid message: {problems}"
+
+
+class Endpoint:
+    """The WebSocket handler, one instance per app."""
+
+    def __init__(self, settings: Settings, registry: Registry, sessions: SessionManager) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._sessions = sessions
+
+    async def __call__(self, websocket: WebSocket) -> None:
+        if not token_matches(websocket.query_params.get("token"), self._settings.api_key):
+            await websocket.close(code=closecodes.POLICY_VIOLATION)  # before accept: HTTP 403
+            return
+        await websocket.accept()
+        peer = Peer(websocket, self._settings.send_timeout)
+        connection: _Connection | None = None
+        code: int | None = None
+        reason = "closed"
+        try:
+            connection = await self._handshake(peer)
+            await self._serve(connection)
+        except WebSocketDisconnect as exc:
+            code = exc.code
+            reason = exc.reason or closecodes.REASONS.get(exc.code, "closed")
+        except _Closed as exc:
+            code, reason = exc.code, exc.reason
+            await peer.close(exc.code, exc.reason)
+        except Exception:
+            logger.exception("connection handler failed")
+            code, reason = closecodes.INTERNAL_ERROR, "internal_error"
+            await peer.close(code, reason)
+        finally:
+            if peer.closed_by_server is not None:
+                code, reason = peer.closed_by_server
+            if connection is not None:
+                await self._disconnected(connection, code, reason)
+
+    async def _disconnected(self, connection: _Connection, code: int | None, reason: str) -> None:
+        client_id = connection.client_id
+        try:
+            if connection.client_type is ClientType.DEVICE:
+                await self._sessions.executor_left(client_id)
+            await self._sessions.owner_left(client_id)
+        finally:
+            await self._registry.remove_client_durable(client_id, code=code, reason=reason)
+            logger.info("client %s disconnected (%s, %s)", client_id, code, reason)
+
+    async def _receive(self, peer: Peer, idle_seconds: float) -> str | None:
+        """The next text frame (None for a binary one); raises on disconnect or idle timeout."""
+        try:
+            async with asyncio.timeout(idle_seconds):
+                message = await peer.websocket.receive()
+        except TimeoutError:
+            raise _Closed(closecodes.IDLE_TIMEOUT, "idle_timeout") from None
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+        text: str | None = message.get("text")
+        return text
+
+    async def _handshake(self, peer: Peer) -> _Connection:
+        text = await self._receive(peer, self._settings.handshake_timeout)
+        if text is None:
+            raise _Closed(closecodes.INVALID_REGISTRATION, "binary_registration")
+        parsed = _parse(text)
+        if isinstance(parsed, str):
+            await peer.send(error(parsed))
+            raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration")
+        if parsed.type is not ClientMessageType.REGISTER:
+            await peer.send(error("First message must be a register message"))
+            raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration")
+        if not parsed.client_id:
+            await peer.send(error("Client ID is required for WebSocket registration"))
+            raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration")
+        client_id, client_type = parsed.client_id, parsed.client_type
+        metadata = parsed.metadata or {}
+        platform = metadata.get("platform") or "windows"
+        target = parsed.target_id
+        if (
+            client_type is ClientType.CONSTELLATION
+            and target
+            and not self._registry.is_device_connected(target)
+        ):
+            await peer.send(error(f"Target device '{target}' is not connected"))
+            raise _Closed(closecodes.TARGET_NOT_CONNECTED, "target_not_connected")
+        client = peer.websocket.client
+        try:
+            await self._registry.add_client_durable(
+                client_id,
+                platform if isinstance(platform, str) else str(platform),
+                peer,
+                client_type,
+                metadata,
+                remote_address=f"{client.host}:{client.port}" if client else None,
+            )
+            system_info = metadata.get("system_info")
+            if client_type is ClientType.DEVICE and isinstance(system_info, dict):
+                await self._registry.set_device_info_durable(client_id, system_info)
+        except DuplicateClientError as exc:
+            await peer.send(error(str(exc)))
+            raise _Closed(closecodes.DUPLICATE_CLIENT, "duplicate_client") from None
+        except InvalidArgumentError as exc:
+            if self._registry.get_client(client_id) is peer:
+                await self._registry.remove_client_durable(client_id, reason="invalid_registration")
+            await peer.send(error(f"Invalid registration: {exc}"))
+            raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration") from None
+        except StoreUnavailableError as exc:
+            await peer.send(error(f"Registration could not be recorded: {exc}"))
+            raise _Closed(closecodes.STORE_UNAVAILABLE, "store_unavailable") from None
+        connection = _Connection(peer, client_id, client_type, parsed.target_id)
+        if not await peer.send(registration_ack()):
+            raise WebSocketDisconnect(1006, "connection_lost")
+        logger.info("client %s registered as %s", client_id, client_type.value)
+        await self._sessions.resume_interrupted(client_id)
+        return connection
+
+    async def _serve(self, connection: _Connection) -> None:
+        peer = connection.peer
+        while True:
+            text = await self._receive(peer, self._settings.idle_timeout)
+            if text is None:
+                await peer.send(error("Binary frames are not supported; send JSON text frames"))
+                continue
+            parsed = _parse(text)
+            if isinstance(parsed, str):
+                await peer.send(error(parsed))
+                continue
+            await self._handle(connection, parsed)
+
+    async def _handle(self, connection: _Connection, message: ClientMessage) -> None:
+        peer = connection.peer
+        if message.client_id is not None and message.client_id != connection.client_id:
+            await peer.send(error("client_id does not match the registered connection"))
+            return
+        kind = message.type
+        claimed = message.client_type
+        if kind is not ClientMessageType.HEARTBEAT and (
+            (connection.client_type is ClientType.DEVICE and claimed is ClientType.CONSTELLATION)
+            or (
+                connection.client_type is ClientType.CONSTELLATION
+                and claimed is ClientType.DEVICE
+                and kind is ClientMessageType.TASK
+            )
+        ):
+            await peer.send(error("client_type does not match the registered connection"))
+            return
+        match kind:
+            case ClientMessageType.HEARTBEAT:
+                await peer.send(ack(response_id=str(uuid.uuid4())))
+            case ClientMessageType.TASK:
+                await self._task(connection, message)
+            case ClientMessageType.COMMAND_RESULTS:
+                if not self._sessions.deliver(connection.client_id, message):
+                    logger.info("dropped command_results from %s", connection.client_id)
+            case ClientMessageType.DEVICE_INFO_REQUEST:
+                await self._device_info(connection, message)
+            case ClientMessageType.ERROR:
+                await peer.send(error(message.error or "Unknown error"))
+            case ClientMessageType.REGISTER:
+                await peer.send(error("Already registered on this connection"))
+            case ClientMessageType.TASK_END | ClientMessageType.DEVICE_INFO_RESPONSE:
+                # The server never asks for these; accepted and ignored, as by UFO's server.
+                logger.info("%s from %s ignored", kind.value, connection.client_id)
+
+    async def _device_info(self, connection: _Connection, message: ClientMessage) -> None:
+        peer = connection.peer
+        if connection.client_type is not ClientType.CONSTELLATION:
+            await peer.send(
+                error("DEVICE_INFO_REQUEST is permitted only for constellation clients")
+            )
+            return
+        device_id = message.target_id or ""
+        if connection.target_id is not None and device_id != connection.target_id:
+            await peer.send(error("Not authorized to request device info for this device"))
+            return
+        info = self._registry.get_device_info(device_id)
+        await peer.send(
+            ServerMessage(
+                type=ServerMessageType.DEVICE_INFO_RESPONSE,
+                status=TaskStatus.OK,
+                response_id=message.request_id,
+                result=info
+                or {"error": f"Device {device_id} not found or no system info available"},
+            )
+        )
+
+    async def _task(self, connection: _Connection, message: ClientMessage) -> None:
+        peer = connection.peer
+        requester = connection.client_id
+        if connection.client_type is ClientType.CONSTELLATION:
+            target = message.target_id
+            if not target:
+                await peer.send(error("Constellation task requests require target_id"))
+                return
+            if not self._registry.is_online(target):
+                await peer.send(error(f"Device '{target}' is not connected"))
+                return
+            if not self._registry.is_device_connected(target):
+                await peer.send(error("Constellation tasks may only target device clients"))
+                return
+            if connection.target_id is not None and target != connection.target_id:
+                await peer.send(error("Not authorized to send tasks to this device"))
+                return
+            executor = target
+        else:
+            if message.target_id and message.target_id != requester:
+                await peer.send(error("Device clients may not target other devices"))
+                return
+            executor = requester
+        limit = self._settings.max_sessions_per_client
+        if self._sessions.active_count(requester) >= limit:
+            await peer.send(error(f"Too many active sessions (limit {limit})"))
+            return
+        session_id = message.session_id or str(uuid.uuid4())
+        task_name = sanitise_task_name(message.task_name)
+        if self._sessions.is_running(session_id):
+            await peer.send(error(f"session_id '{session_id}' is already running"))
+            return
+        try:
+            await self._registry.open_session(
+                session_id, owner_id=requester, executor_id=executor, task_name=task_name
+            )
+        except SessionOwnershipError as exc:
+            await peer.send(error(str(exc), session_id=session_id))
+            return
+        except InvalidArgumentError as exc:
+            await peer.send(error(f"Invalid task: {exc}", session_id=session_id))
+            return
+        await peer.send(ack(session_id=session_id))
+        self._sessions.start(
+            self._sessions.context(session_id, task_name, message.request, requester, executor)
+        )

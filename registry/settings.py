@@ -1,0 +1,74 @@
+"""Server settings: one object built from arguments and ``REGISTRY_*`` environment variables.
+
+Nothing reads the environment at import time; :class:`Settings` does when it is constructed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from registry.store.dialect import DEFAULT_URL
+from registry.types import DuplicatePolicy
+
+LOOPBACK_HOST_NAMES = ["localhost", "127.0.0.1", "::1", "[::1]"]
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told. Each field is also ``REGISTRY_<NAME>`` in the
+    environment (for example ``REGISTRY_DATABASE_URL``)."""
+
+    model_config = SettingsConfigDict(env_prefix="REGISTRY_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=5000, ge=0, le=65535)
+    database_url: str = DEFAULT_URL
+    api_key: str | None = Field(
+        default=None,
+        description="Key for /api (X-API-Key) and /ws (?token=); None disables the check.",
+    )
+    runner: str = Field(
+        default="registry.server.sessions:RelayRunner",
+        description="Import string of the session runner class, package.module:Class.",
+    )
+    allowed_hosts: list[str] | None = Field(
+        default=None,
+        description="Host headers accepted on HTTP and WebSocket; default: the loopback names "
+        "when bound to loopback, otherwise any.",
+    )
+    on_duplicate: DuplicatePolicy = DuplicatePolicy.REFUSE
+    node_name: str | None = None
+    auto_migrate: bool | None = None
+    max_frame_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    idle_timeout: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds without any frame before a peer is closed (UFO devices "
+        "heartbeat every 120 s).",
+    )
+    handshake_timeout: float = Field(default=30.0, gt=0)
+    ping_interval: float = Field(default=20.0, gt=0)
+    ping_timeout: float = Field(default=20.0, gt=0)
+    send_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a send may wait on a peer that does not read."
+    )
+    command_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds a session waits for command_results."
+    )
+    max_sessions_per_client: int = Field(default=64, gt=0)
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    node_timeout: float = Field(default=30.0, gt=0)
+
+    def trusted_hosts(self) -> list[str]:
+        """The Host-header allow-list in force."""
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        if self.host == "localhost":
+            return LOOPBACK_HOST_NAMES
+        try:
+            loopback = ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = False
+        return LOOPBACK_HOST_NAMES if loopback else ["*"]
