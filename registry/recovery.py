@@ -3,9 +3,10 @@ memory back from the store.
 
 A run is *gone* when it has no ``stopped_at`` and either shares this run's node name (it was
 this server before a crash), the database is SQLite (one node only), or its heartbeat expired.
-Its open connections are closed at its last heartbeat (the best known time) with reason
-``server_restart`` (same name or SQLite) or ``node_lost`` (another node), its active sessions
-become ``interrupted``, and each step is audited.
+Its open connections are closed at its last heartbeat (the best known time; one opened after
+that beat closes at its own start) with reason ``server_restart`` (same name or SQLite) or
+``node_lost`` (another node), its active sessions become ``interrupted``, and each step is
+audited.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, insert, literal, null, or_, select, update
+from sqlalchemy import and_, case, func, insert, literal, null, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from registry.audit import AuditKind
@@ -80,10 +81,18 @@ async def close_gone_runs(
                 ).where(open_rows),
             )
         )
+        # The best known time is the last heartbeat, but a connection opened after it
+        # closes at its own start: never before it was opened.
+        last_known = literal(last_beat, models.UTCDateTime())
         result = await connection.execute(
             update(models.connections)
             .where(open_rows)
-            .values(disconnected_at=last_beat, close_reason=reason)
+            .values(
+                disconnected_at=case(
+                    (c.connected_at > last_known, c.connected_at), else_=last_known
+                ),
+                close_reason=reason,
+            )
         )
         closed += result.rowcount
         active = and_(s.state == str(SessionState.ACTIVE), s.node_id == gone_id)

@@ -18,6 +18,7 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
@@ -62,25 +63,113 @@ REASON_REPLACED = "replaced"
 REASON_SHUTDOWN = "server_shutdown"
 REASON_UNLINKED = "unlinked"
 
+#: The reference's name for the client argument of each session map's methods.
+_ROLE_ARGUMENT = {LinkRole.CONSTELLATION: "constellation_id", LinkRole.DEVICE: "device_id"}
+
 
 def _utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
 
 
-def _require_id(argument: str, value: object) -> str:
+def _storable_text(value: str) -> str | None:
+    """Why ``value`` cannot be stored on every backend, or None if it can.
+
+    PostgreSQL refuses NUL characters in text and JSON, and neither driver can encode lone
+    surrogates; such a value would fail every commit of its batch, so it is refused up front.
+    """
+    if "\x00" in value:
+        return "must not contain NUL characters"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode (no lone surrogates)"
+    return None
+
+
+def _require_text(argument: str, value: object, *, max_length: int | None = None) -> str:
     if not isinstance(value, str):
         raise InvalidArgumentError(argument, f"must be a string, not {type(value).__name__}")
-    if not value or value.isspace():
-        raise InvalidArgumentError(argument, "must not be empty")
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidArgumentError(argument, f"must be at most {MAX_ID_LENGTH} characters")
+    if max_length is not None and len(value) > max_length:
+        raise InvalidArgumentError(argument, f"must be at most {max_length} characters")
+    problem = _storable_text(value)
+    if problem is not None:
+        raise InvalidArgumentError(argument, problem)
     return value
+
+
+def _optional_text(argument: str, value: object, *, max_length: int | None = None) -> str | None:
+    return None if value is None else _require_text(argument, value, max_length=max_length)
+
+
+def _free_text(argument: str, value: object) -> str | None:
+    """A free-text reason, made storable: NUL and lone surrogates become U+FFFD.
+
+    A disconnect or a session end must never be refused over its description (often a
+    peer's close frame or a device's error message): the id has to be freed regardless.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgumentError(
+            argument, f"must be a string or None, not {type(value).__name__}"
+        )
+    if _storable_text(value) is None:
+        return value
+    cleaned = value.replace("\x00", "\ufffd")
+    return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in cleaned)
+
+
+def _require_id(argument: str, value: object) -> str:
+    if isinstance(value, str) and (not value or value.isspace()):
+        raise InvalidArgumentError(argument, "must not be empty")
+    return _require_text(argument, value, max_length=MAX_ID_LENGTH)
+
+
+def _document_problem(value: Any) -> str | None:
+    """Why a decoded JSON document cannot be stored on every backend, or None."""
+    if isinstance(value, str):
+        return _storable_text(value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = _storable_text(key) or _document_problem(item)
+            if problem is not None:
+                return problem
+    elif isinstance(value, list):
+        for item in value:
+            problem = _document_problem(item)
+            if problem is not None:
+                return problem
+    return None
 
 
 def _require_document(argument: str, value: object) -> str:
     if not isinstance(value, dict):
         raise InvalidArgumentError(argument, f"must be a dict, not {type(value).__name__}")
-    return canonical_json(value, argument)
+    try:
+        document = canonical_json(value, argument)
+        # Canonical JSON is ASCII: NUL and surrogates can only appear as \u escapes.
+        if "\\u0000" in document or "\\ud" in document:
+            problem = _document_problem(json.loads(document))
+            if problem is not None:
+                raise InvalidArgumentError(argument, f"strings in it {problem}")
+    except RecursionError:
+        raise InvalidArgumentError(argument, "is nested too deeply") from None
+    return document
+
+
+def _close_code(value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise InvalidArgumentError("code", "must be a WebSocket close code (0-65535) or None")
+    return value
+
+
+def _positive(argument: str, value: object, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise InvalidArgumentError(argument, f"must be a positive number, not {value!r}")
 
 
 def _client_type(value: object) -> ClientType:
@@ -121,7 +210,10 @@ class Registry:
             raise InvalidArgumentError(
                 "on_duplicate", f"must be 'refuse' or 'replace', not {on_duplicate!r}"
             ) from None
-        self._node_name = node_name or socket.gethostname()
+        self._node_name = _require_id("node_name", node_name or socket.gethostname())
+        _positive("heartbeat_interval", heartbeat_interval)
+        _positive("node_timeout", node_timeout)
+        _positive("close_timeout", close_timeout, allow_none=True)
         self._auto_migrate = is_sqlite(self._url) if auto_migrate is None else auto_migrate
         self._heartbeat_interval = heartbeat_interval
         self._node_timeout = timedelta(seconds=node_timeout)
@@ -131,6 +223,8 @@ class Registry:
         self._journal: Journal | None = None
         self._history: History | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._runs = 0
+        #: This server run's row in ``nodes``; a registry started again gets a new one.
         self.node_id = str(uuid.uuid4())
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -167,6 +261,8 @@ class Registry:
         """
         if self._engine is not None:
             raise RegistryClosedError("the registry is already started")
+        if self._runs:
+            self.node_id = str(uuid.uuid4())  # each run is its own row in ``nodes``
         engine = create_engine(self._url)
         try:
             await ensure_schema(engine, auto_migrate=self._auto_migrate)
@@ -178,6 +274,7 @@ class Registry:
                     f"cannot open the registry database {self.database_url}: {describe(exc)}"
                 ) from exc
             raise
+        self._runs += 1
         self._engine = engine
         self._journal = Journal(engine)
         self._journal.start()
@@ -286,6 +383,20 @@ class Registry:
         if self._journal is None:
             raise RegistryClosedError("the registry is not started; await registry.start()")
 
+    def _check_removable(self) -> None:
+        """Removals raise on a registry never started; once it has been closed they find
+        nothing live (close removed everything), so a late removal is a harmless no-op."""
+        if self._journal is None and not self._runs:
+            raise RegistryClosedError("the registry is not started; await registry.start()")
+
+    async def _durable(self, sequence: int | None) -> None:
+        """Wait for ``sequence``, or, when the call appended nothing, for everything queued
+        so far: what made it a no-op (an earlier call) may not be durable yet."""
+        if sequence is not None:
+            await self.journal.wait(sequence)
+        elif self._journal is not None:
+            await self._journal.flush()
+
     async def flush(self) -> None:
         """Return once every mutation made before this call is committed."""
         await self.journal.flush()
@@ -377,12 +488,10 @@ class Registry:
         remote_address: str | None,
     ) -> tuple[LiveClient, int]:
         client_id = _require_id("client_id", client_id)
-        if not isinstance(platform, str) or len(platform) > MAX_ID_LENGTH:
-            raise InvalidArgumentError("platform", "must be a string of at most 255 characters")
+        platform = _require_text("platform", platform, max_length=MAX_ID_LENGTH)
         kind = _client_type(client_type)
         metadata_json = _require_document("metadata", {} if metadata is None else metadata)
-        if remote_address is not None and not isinstance(remote_address, str):
-            raise InvalidArgumentError("remote_address", "must be a string or None")
+        remote_address = _optional_text("remote_address", remote_address, max_length=MAX_ID_LENGTH)
         journal = self.journal
         now = time.time()
         at = _utc(now)
@@ -449,16 +558,14 @@ class Registry:
         self, client_id: str, *, code: int | None = None, reason: str | None = None
     ) -> None:
         """:meth:`remove_client`, returning once the disconnect is durable."""
-        sequence = self._remove_client(client_id, code, reason)
-        if sequence is not None:
-            await self.journal.wait(sequence)
+        await self._durable(self._remove_client(client_id, code, reason))
 
     def _remove_client(self, client_id: str, code: int | None, reason: str | None) -> int | None:
-        if code is not None and not isinstance(code, int):
-            raise InvalidArgumentError("code", "must be an integer or None")
-        if reason is not None and not isinstance(reason, str):
-            raise InvalidArgumentError("reason", "must be a string or None")
-        live = self._live.clients.get(client_id) if isinstance(client_id, str) else None
+        client_id = _require_id("client_id", client_id)
+        code = _close_code(code)
+        reason = _free_text("reason", reason)
+        self._check_removable()
+        live = self._live.clients.get(client_id)
         if live is None:
             return None
         self._check_open()
@@ -568,7 +675,7 @@ class Registry:
         self._end(session_id, state, reason)
 
     def _bind(self, role: LinkRole, client_id: str, session_id: str) -> int | None:
-        client_id = _require_id("client_id", client_id)
+        client_id = _require_id(_ROLE_ARGUMENT[role], client_id)
         session_id = _require_id("session_id", session_id)
         self._check_open()
         at = datetime.now(UTC)
@@ -603,7 +710,9 @@ class Registry:
         )
 
     def _unbind_client(self, role: LinkRole, client_id: str) -> None:
-        if not isinstance(client_id, str) or client_id not in self._live.session_maps[role]:
+        client_id = _require_id(_ROLE_ARGUMENT[role], client_id)
+        self._check_removable()
+        if client_id not in self._live.session_maps[role]:
             return
         self._check_open()
         at = datetime.now(UTC)
@@ -635,10 +744,9 @@ class Registry:
             final = SessionState.ACTIVE
         if final is SessionState.ACTIVE:
             raise InvalidArgumentError("state", f"must be a final session state, not {state!r}")
-        if reason is not None and not isinstance(reason, str):
-            raise InvalidArgumentError("reason", "must be a string or None")
-        if not isinstance(session_id, str):
-            return None
+        reason = _free_text("reason", reason)
+        session_id = _require_id("session_id", session_id)
+        self._check_removable()
         session = self._live.sessions.get(session_id)
         if session is None:
             return None
@@ -687,6 +795,10 @@ class Registry:
 
     # -- session lifecycle (server) --------------------------------------------------------
 
+    def session_counts(self) -> dict[SessionState, int]:
+        """How many sessions this node knows in each state (active or interrupted)."""
+        return dict(Counter(session.state for session in self._live.sessions.values()))
+
     def get_session(self, session_id: str) -> SessionInfo | None:
         """The session if this node knows it as active or interrupted."""
         return self._live.sessions.get(session_id)
@@ -725,7 +837,10 @@ class Registry:
         executor_id = _require_id("executor_id", executor_id)
         if task_name is not None:
             task_name = _require_id("task_name", task_name)
+        self._check_open()
         if session_id not in self._live.sessions:
+            # The session's earlier rows may still be queued: read the owner once they are in.
+            await self.journal.flush()
             stored_owner = await self.history.session_owner(session_id)
             if stored_owner is not None and stored_owner != owner_id:
                 raise SessionOwnershipError(session_id, stored_owner)
@@ -752,9 +867,7 @@ class Registry:
         self, session_id: str, state: SessionState | str, reason: str | None = None
     ) -> None:
         """:meth:`remove_session` with an explicit final state, returning once durable."""
-        sequence = self._end(session_id, state, reason)
-        if sequence is not None:
-            await self.journal.wait(sequence)
+        await self._durable(self._end(session_id, state, reason))
 
     # -- device info -----------------------------------------------------------------------
 
@@ -764,9 +877,7 @@ class Registry:
 
     async def set_device_info_durable(self, device_id: str, device_info: dict[str, Any]) -> None:
         """:meth:`set_device_info`, returning once the snapshot (if any) is durable."""
-        sequence = self._set_device_info(device_id, device_info)
-        if sequence is not None:
-            await self.journal.wait(sequence)
+        await self._durable(self._set_device_info(device_id, device_info))
 
     def _set_device_info(self, device_id: str, device_info: dict[str, Any]) -> int | None:
         device_id = _require_id("device_id", device_id)
