@@ -20,3 +20,4 @@ class AuditKind(enum.StrEnum):
     SESSION_ENDED = "session_ended"
     SESSION_INTERRUPTED = "session_interrupted"
     DEVICE_INFO_CHANGED = "device_info_changed"
+    PRUNED = "pruned"  # retention deleted history older than a cutoff

@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select
+from sqlalchemy import ColumnElement, Executable, Select, and_, func, literal, or_, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from registry.errors import InvalidArgumentError, StoreUnavailableError, describe
 from registry.store import models
-from registry.store.dialect import epoch_seconds
+from registry.store.dialect import epoch_seconds, greatest, least
 from registry.types import (
     AuditEvent,
+    ClientSummary,
     ClientType,
     ConnectionRecord,
     DeviceInfoSnapshot,
+    LinkRole,
     Page,
+    SessionDetail,
+    SessionLinkRecord,
     SessionRecord,
     SessionState,
     Statistics,
@@ -49,6 +54,14 @@ def _aware(argument: str, value: datetime | None) -> datetime | None:
     return value
 
 
+def _text(argument: str, value: object, *, optional: bool = False) -> None:
+    """Refuse a non-string filter before it reaches SQL (where it would fail as a store error)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise InvalidArgumentError(argument, f"must be a string, not {type(value).__name__}")
+
+
 def encode_cursor(*key: Any) -> str:
     """An opaque cursor for a row's sort key (datetimes as ISO 8601)."""
     raw = [value.isoformat() if isinstance(value, datetime) else value for value in key]
@@ -65,6 +78,8 @@ def decode_cursor(cursor: str, *kinds: type) -> list[Any]:
             datetime.fromisoformat(value) if kind is datetime else kind(value)
             for kind, value in zip(kinds, raw, strict=True)
         ]
+        if any(isinstance(value, datetime) and value.tzinfo is None for value in key):
+            raise ValueError("naive datetime")
     except (ValueError, TypeError, AttributeError) as exc:
         raise InvalidArgumentError("cursor", "is not a cursor returned by this query") from exc
     return key
@@ -110,6 +125,7 @@ class History:
 
     async def session_owner(self, session_id: str) -> str | None:
         """The stored owner of a session id, or None if it was never seen."""
+        _text("session_id", session_id)
         s = models.sessions.c
         rows = await self._rows(select(s.owner_id).where(s.session_id == session_id))
         return rows[0][0] if rows else None
@@ -124,6 +140,7 @@ class History:
         cursor: str | None = None,
     ) -> Page[ConnectionRecord]:
         """Connections of one client opened in ``[since, until)``, newest first."""
+        _text("client_id", client_id)
         c = models.connections.c
         conditions: list[ColumnElement[bool]] = [
             c.client_id == client_id,
@@ -160,6 +177,7 @@ class History:
         self,
         client_id: str | None = None,
         *,
+        role: str | None = None,
         state: SessionState | str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
@@ -167,10 +185,20 @@ class History:
         cursor: str | None = None,
     ) -> Page[SessionRecord]:
         """Sessions created in ``[since, until)``, newest first; with ``client_id``, those it
-        owned or executed; with ``state``, those in that state."""
+        owned or executed (``role`` ``"owner"`` or ``"executor"`` narrows to one); with
+        ``state``, those in that state."""
+        _text("client_id", client_id, optional=True)
         s = models.sessions.c
         conditions = _window(s.created_at, since, until)
-        if client_id is not None:
+        if role not in (None, "owner", "executor"):
+            raise InvalidArgumentError("role", f"must be 'owner' or 'executor', not {role!r}")
+        if role is not None and client_id is None:
+            raise InvalidArgumentError("role", "needs a client to filter by")
+        if role == "owner":
+            conditions.append(s.owner_id == client_id)
+        elif role == "executor":
+            conditions.append(s.executor_id == client_id)
+        elif client_id is not None:
             conditions.append(or_(s.owner_id == client_id, s.executor_id == client_id))
         if state is not None:
             try:
@@ -201,6 +229,7 @@ class History:
         cursor: str | None = None,
     ) -> Page[DeviceInfoSnapshot]:
         """Snapshots of a device's info captured in ``[since, until)``, newest first."""
+        _text("device_id", device_id)
         d = models.device_info_snapshots.c
         conditions = [d.device_id == device_id, *_window(d.captured_at, since, until)]
         if cursor is not None:
@@ -234,6 +263,7 @@ class History:
         a = models.audit_events.c
         conditions = _window(a.at, since, until)
         for column, value in ((a.kind, kind), (a.client_id, client_id), (a.session_id, session_id)):
+            _text(column.name, value, optional=True)
             if value is not None:
                 conditions.append(column == value)
         if cursor is not None:
@@ -247,62 +277,197 @@ class History:
         return await self._page(
             query,
             limit,
-            lambda row: AuditEvent(
-                row.event_id,
-                row.at,
-                row.node_id,
-                row.kind,
-                row.client_id,
-                row.session_id,
-                row.details,
-            ),
+            _audit_event,
             lambda row: (row.event_id,),
         )
+
+    async def client(self, client_id: str) -> ClientSummary | None:
+        """What the store knows of ``client_id``, or None if it was never seen."""
+        _text("client_id", client_id)
+        cl, c = models.clients.c, models.connections.c
+        try:
+            async with self._engine.connect() as connection:
+                row = (
+                    await connection.execute(
+                        select(models.clients).where(cl.client_id == client_id)
+                    )
+                ).first()
+                if row is None:
+                    return None
+                count = (
+                    await connection.execute(select(func.count()).where(c.client_id == client_id))
+                ).scalar_one()
+                live = (
+                    await connection.execute(
+                        select(c.connected_at, c.node_id)
+                        .where(c.client_id == client_id, c.disconnected_at.is_(None))
+                        .order_by(c.connected_at.desc())
+                        .limit(1)
+                    )
+                ).first()
+        except SQLAlchemyError as exc:
+            raise StoreUnavailableError(f"client query failed: {describe(exc)}") from exc
+        return ClientSummary(
+            client_id=row.client_id,
+            client_type=row.client_type,
+            platform=row.platform,
+            metadata=row.metadata,
+            first_seen=row.first_seen,
+            last_seen=row.last_seen,
+            connection_count=count,
+            online=live is not None,
+            connected_at=live.connected_at if live else None,
+            node_id=live.node_id if live else None,
+        )
+
+    async def session(self, session_id: str) -> SessionDetail | None:
+        """A session with its links and its audit events, or None if never seen."""
+        _text("session_id", session_id)
+        s, link, a = models.sessions.c, models.session_links.c, models.audit_events.c
+        try:
+            async with self._engine.connect() as connection:
+                row = (
+                    await connection.execute(
+                        select(models.sessions).where(s.session_id == session_id)
+                    )
+                ).first()
+                if row is None:
+                    return None
+                links = await connection.execute(
+                    select(link.client_id, link.role, link.bound_at, link.unbound_at)
+                    .where(link.session_id == session_id)
+                    .order_by(link.bound_at, link.link_id)
+                )
+                events = await connection.execute(
+                    select(models.audit_events)
+                    .where(a.session_id == session_id)
+                    .order_by(a.event_id)
+                    .limit(MAX_LIMIT)
+                )
+                return SessionDetail(
+                    session=_session_record(row),
+                    links=[
+                        SessionLinkRecord(r.client_id, LinkRole(r.role), r.bound_at, r.unbound_at)
+                        for r in links
+                    ],
+                    events=[_audit_event(r) for r in events],
+                )
+        except SQLAlchemyError as exc:
+            raise StoreUnavailableError(f"session query failed: {describe(exc)}") from exc
+
+    async def latest_device_info(self, device_id: str) -> DeviceInfoSnapshot | None:
+        """The newest info snapshot of a device, or None."""
+        page = await self.device_info(device_id, limit=1)
+        return page.items[0] if page.items else None
 
     async def statistics(
         self, *, since: datetime | None = None, until: datetime | None = None
     ) -> Statistics:
-        """Open connections now by type and platform, and figures for connections opened in
-        ``[since, until)`` (default: the last 24 hours)."""
+        """Open connections now by type and platform (platforms lower-cased, as the live
+        lookups compare them), and figures for connections opened in ``[since, until)``
+        (default: the last 24 hours); see :class:`~registry.types.Statistics`."""
         until = _aware("until", until) or datetime.now(UTC)
         since = _aware("since", since) or until - timedelta(days=1)
         if since > until:
             raise InvalidArgumentError("since", "must not be after until")
-        c = models.connections.c
-        is_open = c.disconnected_at.is_(None)
         try:
             async with self._engine.connect() as connection:
-                dialect = connection.dialect.name
-                by_type = await connection.execute(
-                    select(c.client_type, func.count()).where(is_open).group_by(c.client_type)
-                )
-                online_by_type = {kind.value: 0 for kind in ClientType} | dict(by_type.all())
-                by_platform = await connection.execute(
-                    select(c.platform, func.count()).where(is_open).group_by(c.platform)
-                )
-                online_by_platform: dict[str, int] = dict(by_platform.all())
-                duration = epoch_seconds(dialect, c.disconnected_at) - epoch_seconds(
-                    dialect, c.connected_at
-                )
-                window = await connection.execute(
-                    select(
-                        func.count(),
-                        func.count(func.distinct(c.client_id)),
-                        func.avg(duration),
-                    ).where(c.connected_at >= since, c.connected_at < until)
-                )
-                count, distinct, mean = window.one()
+                return await _statistics(connection, since, until)
         except SQLAlchemyError as exc:
             raise StoreUnavailableError(f"statistics query failed: {describe(exc)}") from exc
-        return Statistics(
-            since=since,
-            until=until,
-            online_by_type=online_by_type,
-            online_by_platform=online_by_platform,
-            connections=count,
-            distinct_clients=distinct,
-            mean_duration_seconds=None if mean is None else float(mean),
+
+
+async def _statistics(connection: AsyncConnection, since: datetime, until: datetime) -> Statistics:
+    c, s = models.connections.c, models.sessions.c
+    dialect = connection.dialect.name
+
+    async def pairs(query: Executable) -> dict[Any, Any]:
+        return {key: value for key, value in (await connection.execute(query)).all()}
+
+    is_open = c.disconnected_at.is_(None)
+    platform = func.lower(c.platform)
+    online_by_type = {kind.value: 0 for kind in ClientType} | await pairs(
+        select(c.client_type, func.count()).where(is_open).group_by(c.client_type)
+    )
+    online_by_platform = await pairs(
+        select(platform, func.count()).where(is_open).group_by(platform)
+    )
+    opened = and_(c.connected_at >= since, c.connected_at < until)
+    closed = and_(opened, c.disconnected_at.is_not(None))
+    duration = epoch_seconds(dialect, c.disconnected_at) - epoch_seconds(dialect, c.connected_at)
+    count, distinct, mean, closed_count = (
+        await connection.execute(
+            select(
+                func.count(),
+                func.count(func.distinct(c.client_id)),
+                func.avg(duration),
+                func.count(c.disconnected_at),
+            ).where(opened)
         )
+    ).one()
+    p95 = None
+    if closed_count:
+        rank = max(math.ceil(0.95 * closed_count) - 1, 0)
+        p95 = (
+            await connection.execute(
+                select(duration).where(closed).order_by(duration).offset(rank).limit(1)
+            )
+        ).scalar_one()
+    by_reason = {
+        reason or "": count
+        for reason, count in (
+            await pairs(select(c.close_reason, func.count()).where(closed).group_by(c.close_reason))
+        ).items()
+    }
+    by_state = await pairs(
+        select(s.state, func.count())
+        .where(s.created_at >= since, s.created_at < until)
+        .group_by(s.state)
+    )
+    return Statistics(
+        since=since,
+        until=until,
+        online_by_type=online_by_type,
+        online_by_platform=online_by_platform,
+        connections=count,
+        distinct_clients=distinct,
+        mean_duration_seconds=None if mean is None else float(mean),
+        p95_duration_seconds=None if p95 is None else float(p95),
+        disconnects_by_reason=by_reason,
+        sessions_by_state=by_state,
+        availability=await _availability(connection, since, until),
+    )
+
+
+async def _availability(
+    connection: AsyncConnection, since: datetime, until: datetime
+) -> dict[str, float]:
+    """Per device, the fraction of ``[since, until)`` it had a connection open (until now at
+    most, for connections still open). Three index range scans: connections opened in the
+    window, older ones closed inside it, and older ones still open."""
+    c = models.connections.c
+    dialect = connection.dialect.name
+    start, end = since.timestamp(), min(until, datetime.now(UTC)).timestamp()
+    length = until.timestamp() - start
+    if length <= 0:
+        return {}
+    ended = func.coalesce(epoch_seconds(dialect, c.disconnected_at), end)
+    device = c.client_type == ClientType.DEVICE.value
+    pieces = (
+        (c.connected_at >= since, epoch_seconds(dialect, c.connected_at)),
+        (c.disconnected_at > since, literal(start)),
+        (c.disconnected_at.is_(None), literal(start)),
+    )
+    seconds: dict[str, float] = {}
+    for index, (condition, began) in enumerate(pieces):
+        overlap = least(dialect, ended, literal(end)) - greatest(dialect, began, literal(start))
+        query = select(c.client_id, func.sum(overlap)).where(device, c.connected_at < until)
+        if index:
+            query = query.where(c.connected_at < since)
+        rows = await connection.execute(query.where(condition).group_by(c.client_id))
+        for client_id, total in rows:
+            seconds[client_id] = seconds.get(client_id, 0.0) + max(float(total or 0.0), 0.0)
+    return {client_id: min(total / length, 1.0) for client_id, total in sorted(seconds.items())}
 
 
 def _connection_record(row: Any) -> ConnectionRecord:
@@ -332,4 +497,10 @@ def _session_record(row: Any) -> SessionRecord:
         created_at=row.created_at,
         ended_at=row.ended_at,
         end_reason=row.end_reason,
+    )
+
+
+def _audit_event(row: Any) -> AuditEvent:
+    return AuditEvent(
+        row.event_id, row.at, row.node_id, row.kind, row.client_id, row.session_id, row.details
     )

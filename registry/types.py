@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 
@@ -142,8 +142,11 @@ class AuditEvent:
 class Statistics:
     """Cluster-wide figures from the store.
 
-    ``online_by_type`` and ``online_by_platform`` count open connections now; the rest cover
-    connections opened in ``[since, until)``. ``mean_duration_seconds`` averages the closed ones.
+    ``online_by_type`` and ``online_by_platform`` count open connections now. The window
+    figures cover connections opened in ``[since, until)``: their count, distinct clients,
+    closes by reason, and mean and 95th-percentile duration of the closed ones;
+    ``sessions_by_state`` counts sessions created in the window; ``availability`` is, per
+    device, the fraction of the window it was connected.
     """
 
     since: datetime
@@ -153,6 +156,61 @@ class Statistics:
     connections: int
     distinct_clients: int
     mean_duration_seconds: float | None
+    p95_duration_seconds: float | None = None
+    disconnects_by_reason: dict[str, int] = field(default_factory=dict)
+    sessions_by_state: dict[str, int] = field(default_factory=dict)
+    availability: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSummary:
+    """What is known of one client id: its last registration, first/last seen, how many
+    connections it made, and whether one is open now (on any node, or on this one)."""
+
+    client_id: str
+    client_type: str
+    platform: str
+    metadata: dict[str, Any]
+    first_seen: datetime
+    last_seen: datetime
+    connection_count: int
+    online: bool
+    connected_at: datetime | None
+    node_id: str | None
+    on_this_node: bool = False
+
+    def with_live(self, info: ClientInfo | None) -> ClientSummary:
+        """This summary updated with the live info of this node, if the client is here."""
+        if info is None:
+            return self
+        return replace(
+            self,
+            client_type=info.client_type.value,
+            platform=info.platform,
+            metadata=info.metadata,
+            online=True,
+            connected_at=datetime.fromtimestamp(info.connect_time, UTC),
+            on_this_node=True,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLinkRecord:
+    """One link of a session to a client in one of the two session maps."""
+
+    client_id: str
+    role: LinkRole
+    bound_at: datetime
+    unbound_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDetail:
+    """A session with its links and its audit events (in event order)."""
+
+    session: SessionRecord
+    links: list[SessionLinkRecord]
+    events: list[AuditEvent]
 
 
 T = TypeVar("T")

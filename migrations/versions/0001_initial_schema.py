@@ -155,6 +155,7 @@ def upgrade() -> None:
             "ix_connections_client_id_connected_at", ["client_id", "connected_at"], unique=False
         )
         batch_op.create_index("ix_connections_connected_at", ["connected_at"], unique=False)
+        batch_op.create_index("ix_connections_disconnected_at", ["disconnected_at"], unique=False)
         batch_op.create_index(
             "ix_connections_open",
             ["node_id"],
@@ -209,6 +210,7 @@ def downgrade() -> None:
             sqlite_where=sa.text("disconnected_at IS NULL"),
             postgresql_where=sa.text("disconnected_at IS NULL"),
         )
+        batch_op.drop_index("ix_connections_disconnected_at")
         batch_op.drop_index("ix_connections_connected_at")
         batch_op.drop_index("ix_connections_client_id_connected_at")
 

@@ -92,3 +92,13 @@ def json_object(dialect_name: str, **fields: Any) -> ColumnElement[Any]:
     if dialect_name == "postgresql":
         return func.jsonb_build_object(*args)
     return func.json(func.json_object(*args))
+
+
+def least(dialect_name: str, *values: Any) -> ColumnElement[Any]:
+    """The smallest of ``values`` (SQLite's scalar ``min``, PostgreSQL's ``least``)."""
+    return func.least(*values) if dialect_name == "postgresql" else func.min(*values)
+
+
+def greatest(dialect_name: str, *values: Any) -> ColumnElement[Any]:
+    """The largest of ``values`` (SQLite's scalar ``max``, PostgreSQL's ``greatest``)."""
+    return func.greatest(*values) if dialect_name == "postgresql" else func.max(*values)

@@ -122,6 +122,7 @@ class Connection(Base):
     __table_args__ = (
         Index("ix_connections_client_id_connected_at", "client_id", "connected_at"),
         Index("ix_connections_connected_at", "connected_at"),
+        Index("ix_connections_disconnected_at", "disconnected_at"),
         Index(
             "ix_connections_open",
             "node_id",

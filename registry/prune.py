@@ -1,0 +1,137 @@
+"""Explicit retention: delete history and audit older than a cutoff, in bounded batches.
+
+Never touches an open connection, an active or interrupted session (nor its links), the latest
+info snapshot of any device, or a node row that connections still name. Each run is itself
+recorded in the audit trail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import ColumnElement, Table, delete, exists, func, insert, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from registry.audit import AuditKind
+from registry.errors import InvalidArgumentError, StoreUnavailableError, describe
+from registry.store import models
+from registry.types import SessionState
+
+DEFAULT_BATCH = 5000
+Progress = Callable[[str, int], None]
+
+_LIVE_STATES = (SessionState.ACTIVE.value, SessionState.INTERRUPTED.value)
+
+
+@dataclass(frozen=True, slots=True)
+class PruneReport:
+    """Rows deleted (or, for a dry run, that would be) per table."""
+
+    cutoff: datetime
+    dry_run: bool
+    connections: int = 0
+    sessions: int = 0
+    session_links: int = 0
+    device_info_snapshots: int = 0
+    audit_events: int = 0
+    nodes: int = 0
+
+    def counts(self) -> dict[str, int]:
+        return {k: v for k, v in asdict(self).items() if isinstance(v, int) and k != "dry_run"}
+
+
+def _targets(cutoff: datetime) -> list[tuple[str, Table, ColumnElement[bool]]]:
+    """(name, table, which rows) in deletion order: links before their sessions, connections
+    before the nodes they name."""
+    c, s, link = models.connections.c, models.sessions.c, models.session_links.c
+    d, a, n = models.device_info_snapshots.c, models.audit_events.c, models.nodes.c
+    old_session = (s.ended_at < cutoff) & s.state.not_in(_LIVE_STATES)
+    latest = select(func.max(d.snapshot_id)).group_by(d.device_id)
+    return [
+        ("connections", models.connections, c.disconnected_at < cutoff),
+        (
+            "session_links",
+            models.session_links,
+            link.session_id.in_(select(s.session_id).where(old_session)),
+        ),
+        ("sessions", models.sessions, old_session),
+        (
+            "device_info_snapshots",
+            models.device_info_snapshots,
+            (d.captured_at < cutoff) & d.snapshot_id.not_in(latest),
+        ),
+        ("audit_events", models.audit_events, a.at < cutoff),
+        (
+            "nodes",
+            models.nodes,
+            (n.stopped_at < cutoff) & ~exists().where(c.node_id == n.node_id),
+        ),
+    ]
+
+
+async def prune(
+    engine: AsyncEngine,
+    cutoff: datetime,
+    *,
+    dry_run: bool = False,
+    batch_size: int = DEFAULT_BATCH,
+    progress: Progress | None = None,
+) -> PruneReport:
+    """Delete (or count, with ``dry_run``) history older than ``cutoff``, ``batch_size`` rows
+    per transaction; ``progress(table, rows_so_far)`` is called after each batch."""
+    if cutoff.tzinfo is None:
+        raise InvalidArgumentError("cutoff", "must be a timezone-aware datetime")
+    if batch_size < 1:
+        raise InvalidArgumentError("batch_size", "must be at least 1")
+    counts: dict[str, int] = {}
+    try:
+        for name, table, condition in _targets(cutoff):
+            counts[name] = await _prune_table(
+                engine, name, table, condition, dry_run, batch_size, progress
+            )
+        report = PruneReport(cutoff=cutoff, dry_run=dry_run, **counts)
+        if not dry_run:
+            async with engine.begin() as connection:
+                await connection.execute(
+                    insert(models.audit_events).values(
+                        at=datetime.now(UTC),
+                        kind=AuditKind.PRUNED.value,
+                        details={"cutoff": cutoff.isoformat(), **report.counts()},
+                    )
+                )
+    except SQLAlchemyError as exc:
+        raise StoreUnavailableError(f"prune failed: {describe(exc)}") from exc
+    return report
+
+
+async def _prune_table(
+    engine: AsyncEngine,
+    name: str,
+    table: Table,
+    condition: ColumnElement[bool],
+    dry_run: bool,
+    batch_size: int,
+    progress: Progress | None,
+) -> int:
+    if dry_run:
+        async with engine.connect() as connection:
+            count = (
+                await connection.execute(select(func.count()).select_from(table).where(condition))
+            ).scalar_one()
+        if progress is not None:
+            progress(name, count)
+        return int(count)
+    key = next(iter(table.primary_key.columns))
+    total = 0
+    while True:
+        batch = select(key).where(condition).limit(batch_size).scalar_subquery()
+        async with engine.begin() as connection:
+            deleted = (await connection.execute(delete(table).where(key.in_(batch)))).rowcount
+        total += deleted
+        if progress is not None:
+            progress(name, total)
+        if deleted < batch_size:
+            return total
