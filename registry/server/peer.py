@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from starlette.websockets import WebSocket, WebSocketState
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from registry.server import closecodes
 from registry.server.protocol import ServerMessage
@@ -23,16 +23,44 @@ class Peer:
     A send that waits longer than ``send_timeout`` (a peer that does not read) closes the
     connection with :data:`~registry.server.closecodes.SLOW_CONSUMER` instead of blocking the
     sender or buffering without bound.
+
+    The peer is *gated* until its handshake is over: the registry can hand it out as soon as
+    the client is registered, but the clients read exactly one frame (the acknowledgement) after
+    ``register``, so other senders wait (up to ``send_timeout``) until :meth:`send_first` has
+    sent it or :meth:`open_gate` is called. The handshake itself uses :meth:`send_first`.
     """
 
     def __init__(self, websocket: WebSocket, send_timeout: float) -> None:
         self.websocket = websocket
         self._send_timeout = send_timeout
         self._lock = asyncio.Lock()
+        self._gate = asyncio.Event()
         self.closed_by_server: tuple[int, str] | None = None
 
+    def open_gate(self) -> None:
+        """Let every sender through (once the handshake is over, whatever its outcome)."""
+        self._gate.set()
+
+    async def send_first(self, message: ServerMessage, *, open_gate: bool = False) -> bool:
+        """Send ``message`` ahead of the gated senders; then open the gate if asked."""
+        try:
+            return await self._send_text(message.frame())
+        finally:
+            if open_gate:
+                self.open_gate()
+
     async def send_text(self, data: str) -> bool:
-        """Send one text frame; False if the peer is gone or was closed for being slow."""
+        """Send one text frame; False if the peer is gone, was closed for being slow, or did
+        not finish its handshake within ``send_timeout``."""
+        if not self._gate.is_set():
+            try:
+                async with asyncio.timeout(self._send_timeout):
+                    await self._gate.wait()
+            except TimeoutError:
+                return False
+        return await self._send_text(data)
+
+    async def _send_text(self, data: str) -> bool:
         try:
             async with self._lock:
                 if self.websocket.application_state is not WebSocketState.CONNECTED:
@@ -43,8 +71,9 @@ class Peer:
         except TimeoutError:
             logger.warning("closing a peer that has not read for %.0fs", self._send_timeout)
             await self.close(closecodes.SLOW_CONSUMER, "slow_consumer")
-        except (RuntimeError, OSError) as exc:  # disconnected underneath us
-            logger.debug("send to a closed peer dropped: %s", exc)
+        except (RuntimeError, OSError, WebSocketDisconnect) as exc:  # disconnected underneath us
+            # Starlette turns the server's "client disconnected" into WebSocketDisconnect.
+            logger.debug("send to a closed peer dropped: %r", exc)
         return False
 
     async def send(self, message: ServerMessage) -> bool:
@@ -58,5 +87,5 @@ class Peer:
             try:
                 async with asyncio.timeout(self._send_timeout):
                     await self.websocket.close(code=code, reason=reason)
-            except (TimeoutError, RuntimeError, OSError) as exc:
-                logger.debug("close of a closed peer ignored: %s", exc)
+            except (TimeoutError, RuntimeError, OSError, WebSocketDisconnect) as exc:
+                logger.debug("close of a closed peer ignored: %r", exc)

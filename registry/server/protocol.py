@@ -7,11 +7,13 @@ unset, in the order the clients expect.
 from __future__ import annotations
 
 import enum
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticSerializationError
 
 from registry.types import ClientType
 
@@ -117,7 +119,13 @@ class ServerMessage(BaseModel):
     result: Any = None
 
     def frame(self) -> str:
-        return self.model_dump_json()
+        """The frame's JSON text. Text a client sent may come back in a frame (an echoed
+        error, an id); a lone surrogate in it cannot be encoded as UTF-8, so such a frame is
+        rendered with ``\\u`` escapes (ASCII) instead of failing."""
+        try:
+            return self.model_dump_json()
+        except PydanticSerializationError:
+            return json.dumps(self.model_dump(mode="json"))
 
 
 def ack(**fields: Any) -> ServerMessage:

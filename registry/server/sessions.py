@@ -16,6 +16,7 @@ import contextlib
 import logging
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -150,10 +151,13 @@ class SessionManager:
 
     def start(self, context: SessionContext) -> None:
         """Run ``context`` with the runner in a task of its own."""
+        self._launch(context, resume=False)
+
+    def _launch(self, context: SessionContext, *, resume: bool) -> None:
         self._contexts[context.session_id] = context
         self._owned.setdefault(context.owner_id, set()).add(context.session_id)
         self._tasks[context.session_id] = asyncio.get_running_loop().create_task(
-            self._run(context, resume=False), name=f"session-{context.session_id}"
+            self._run(context, resume=resume), name=f"session-{context.session_id}"
         )
 
     def context(
@@ -266,7 +270,7 @@ class SessionManager:
             except TimeoutError:
                 raise SessionError(
                     f"no command_results from '{context.executor_id}' within "
-                    f"{result_timeout or self._command_timeout:.0f}s"
+                    f"{result_timeout or self._command_timeout:g}s"
                 ) from None
         finally:
             self._pending.pop(response_id, None)
@@ -303,9 +307,23 @@ class SessionManager:
                 await task
         await self._end(context, outcome, state, notify_executor=notify_executor)
 
-    async def executor_left(self, device_id: str) -> None:
-        """Fail every session ``device_id`` was executing; tell each requester."""
-        for session_id in self._registry.get_device_sessions(device_id):
+    def executing(self, device_id: str) -> list[str]:
+        """The running sessions ``device_id`` executes."""
+        return [
+            session_id
+            for session_id in self._registry.get_device_sessions(device_id)
+            if (context := self._contexts.get(session_id)) is not None
+            and context.executor_id == device_id
+        ]
+
+    def owned(self, owner_id: str) -> list[str]:
+        """The running sessions ``owner_id`` requested."""
+        return list(self._owned.get(owner_id, ()))
+
+    async def executor_left(self, device_id: str, session_ids: Iterable[str] | None = None) -> None:
+        """Fail every session ``device_id`` was executing (or those of ``session_ids``); tell
+        each requester."""
+        for session_id in self.executing(device_id) if session_ids is None else session_ids:
             context = self._contexts.get(session_id)
             if context is not None and context.executor_id == device_id:
                 await self._abort(
@@ -315,10 +333,13 @@ class SessionManager:
                     notify_executor=False,
                 )
 
-    async def owner_left(self, owner_id: str) -> None:
-        """Cancel every session ``owner_id`` requested; tell the executing devices."""
-        for session_id in list(self._owned.get(owner_id, ())):
-            context = self._contexts[session_id]
+    async def owner_left(self, owner_id: str, session_ids: Iterable[str] | None = None) -> None:
+        """Cancel every session ``owner_id`` requested (or those of ``session_ids``); tell the
+        executing devices."""
+        for session_id in self.owned(owner_id) if session_ids is None else session_ids:
+            context = self._contexts.get(session_id)
+            if context is None or context.owner_id != owner_id:
+                continue  # ended meanwhile
             await self._abort(
                 session_id,
                 SessionOutcome(TaskStatus.FAILED, error=REQUESTER_DISCONNECTED),
@@ -327,8 +348,12 @@ class SessionManager:
             )
 
     async def resume_interrupted(self, owner_id: str) -> None:
-        """Hand each session of ``owner_id`` that a restart interrupted to the runner."""
+        """Hand each session of ``owner_id`` that a restart interrupted to the runner, each in
+        a task of its own: a runner may drive the owner's own connection (a device's own task),
+        whose frames are read only once this has returned."""
         for session in self._registry.get_interrupted_sessions(owner_id):
+            if session.session_id in self._contexts:
+                continue  # already handed over, on an earlier connection of the same client
             context = self.context(
                 session.session_id,
                 session.task_name or session.session_id,
@@ -336,9 +361,7 @@ class SessionManager:
                 owner_id,
                 session.executor_id or owner_id,
             )
-            self._contexts[session.session_id] = context
-            self._owned.setdefault(owner_id, set()).add(session.session_id)
-            await self._run(context, resume=True)
+            self._launch(context, resume=True)
 
     async def close(self) -> None:
         """Cancel every running session task and wait for them."""

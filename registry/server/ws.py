@@ -9,6 +9,7 @@ code and reason and frees the client id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -23,6 +24,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from registry.errors import (
     DuplicateClientError,
     InvalidArgumentError,
+    RegistryClosedError,
     SessionOwnershipError,
     StoreUnavailableError,
 )
@@ -73,6 +75,13 @@ class _Closed(Exception):
         self.reason = reason
 
 
+class _ServerShutdown(WebSocketDisconnect):
+    """The server (uvicorn) is shutting down and closed the connection itself."""
+
+    def __init__(self) -> None:
+        super().__init__(closecodes.SERVICE_RESTART, "server_shutdown")
+
+
 @dataclass(slots=True)
 class _Connection:
     peer: Peer
@@ -87,6 +96,8 @@ def _parse(text: str) -> ClientMessage | str:
         raw: Any = json.loads(text)
     except ValueError as exc:
         return f"Invalid message: not valid JSON ({exc.args[0] if exc.args else exc})"
+    except RecursionError:
+        return "Invalid message: nested too deeply"
     if not isinstance(raw, dict):
         return "Invalid message: expected a JSON object"
     kind = raw.get("type")
@@ -119,12 +130,15 @@ class Endpoint:
         connection: _Connection | None = None
         code: int | None = None
         reason = "closed"
+        shutdown = False
         try:
             connection = await self._handshake(peer)
+            await self._welcome(connection)
             await self._serve(connection)
         except WebSocketDisconnect as exc:
             code = exc.code
             reason = exc.reason or closecodes.REASONS.get(exc.code, "closed")
+            shutdown = isinstance(exc, _ServerShutdown)
         except _Closed as exc:
             code, reason = exc.code, exc.reason
             await peer.close(exc.code, exc.reason)
@@ -133,19 +147,38 @@ class Endpoint:
             code, reason = closecodes.INTERNAL_ERROR, "internal_error"
             await peer.close(code, reason)
         finally:
+            peer.open_gate()  # senders waiting for the handshake find the socket closed
             if peer.closed_by_server is not None:
                 code, reason = peer.closed_by_server
             if connection is not None:
-                await self._disconnected(connection, code, reason)
+                await self._disconnected(connection, code, reason, keep_sessions=shutdown)
 
-    async def _disconnected(self, connection: _Connection, code: int | None, reason: str) -> None:
+    async def _disconnected(
+        self, connection: _Connection, code: int | None, reason: str, *, keep_sessions: bool
+    ) -> None:
+        """Free the client id and end the sessions the connection leaves behind, unless the
+        server is shutting down (``keep_sessions``): then closing the registry marks them
+        ``interrupted``, and their owners hear of them when they reconnect after the restart
+        (as after a crash), instead of never."""
         client_id = connection.client_id
+        # The sessions this connection leaves behind, taken before anything awaits: a client
+        # reconnecting meanwhile starts sessions that are not this connection's to end.
+        executing = (
+            self._sessions.executing(client_id)
+            if connection.client_type is ClientType.DEVICE and not keep_sessions
+            else []
+        )
+        owned = [] if keep_sessions else self._sessions.owned(client_id)
+        # Free the id at once (PROTOCOL.md: a quick reconnect is not refused); the disconnect
+        # is made durable below, after the sessions have been ended.
+        if self._registry.get_client(client_id) is connection.peer:
+            self._registry.remove_client(client_id, code=code, reason=reason)
         try:
-            if connection.client_type is ClientType.DEVICE:
-                await self._sessions.executor_left(client_id)
-            await self._sessions.owner_left(client_id)
+            await self._sessions.executor_left(client_id, executing)
+            await self._sessions.owner_left(client_id, owned)
         finally:
-            await self._registry.remove_client_durable(client_id, code=code, reason=reason)
+            with contextlib.suppress(RegistryClosedError):  # closed: its close drained it all
+                await self._registry.flush()
             logger.info("client %s disconnected (%s, %s)", client_id, code, reason)
 
     async def _receive(self, peer: Peer, idle_seconds: float) -> str | None:
@@ -156,7 +189,18 @@ class Endpoint:
         except TimeoutError:
             raise _Closed(closecodes.IDLE_TIMEOUT, "idle_timeout") from None
         if message["type"] == "websocket.disconnect":
-            raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+            code: int = message.get("code", 1000)
+            # uvicorn's own disconnect events carry no "reason" key; a client's close frame
+            # always does (possibly ""). Without one, 1005 is a connection lost without a
+            # close frame (recorded as 1006), and 1012 is uvicorn closing it on shutdown.
+            if "reason" not in message:
+                if code == 1005:
+                    raise WebSocketDisconnect(1006, "connection_lost")
+                if code == closecodes.SERVICE_RESTART:
+                    raise _ServerShutdown()
+            reason: str | None = message.get("reason")
+            # The reason is the client's text: keep it storable (PostgreSQL refuses NUL).
+            raise WebSocketDisconnect(code, reason.replace("\x00", "\ufffd") if reason else None)
         text: str | None = message.get("text")
         return text
 
@@ -166,13 +210,13 @@ class Endpoint:
             raise _Closed(closecodes.INVALID_REGISTRATION, "binary_registration")
         parsed = _parse(text)
         if isinstance(parsed, str):
-            await peer.send(error(parsed))
+            await peer.send_first(error(parsed))
             raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration")
         if parsed.type is not ClientMessageType.REGISTER:
-            await peer.send(error("First message must be a register message"))
+            await peer.send_first(error("First message must be a register message"))
             raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration")
         if not parsed.client_id:
-            await peer.send(error("Client ID is required for WebSocket registration"))
+            await peer.send_first(error("Client ID is required for WebSocket registration"))
             raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration")
         client_id, client_type = parsed.client_id, parsed.client_type
         metadata = parsed.metadata or {}
@@ -183,7 +227,7 @@ class Endpoint:
             and target
             and not self._registry.is_device_connected(target)
         ):
-            await peer.send(error(f"Target device '{target}' is not connected"))
+            await peer.send_first(error(f"Target device '{target}' is not connected"))
             raise _Closed(closecodes.TARGET_NOT_CONNECTED, "target_not_connected")
         client = peer.websocket.client
         try:
@@ -199,22 +243,29 @@ class Endpoint:
             if client_type is ClientType.DEVICE and isinstance(system_info, dict):
                 await self._registry.set_device_info_durable(client_id, system_info)
         except DuplicateClientError as exc:
-            await peer.send(error(str(exc)))
+            await peer.send_first(error(str(exc)))
             raise _Closed(closecodes.DUPLICATE_CLIENT, "duplicate_client") from None
         except InvalidArgumentError as exc:
             if self._registry.get_client(client_id) is peer:
                 await self._registry.remove_client_durable(client_id, reason="invalid_registration")
-            await peer.send(error(f"Invalid registration: {exc}"))
+            await peer.send_first(error(f"Invalid registration: {exc}"))
             raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration") from None
         except StoreUnavailableError as exc:
-            await peer.send(error(f"Registration could not be recorded: {exc}"))
+            if self._registry.get_client(client_id) is peer:
+                self._registry.remove_client(client_id, reason="store_unavailable")
+            await peer.send_first(error(f"Registration could not be recorded: {exc}"))
             raise _Closed(closecodes.STORE_UNAVAILABLE, "store_unavailable") from None
-        connection = _Connection(peer, client_id, client_type, parsed.target_id)
-        if not await peer.send(registration_ack()):
+        return _Connection(peer, client_id, client_type, parsed.target_id)
+
+    async def _welcome(self, connection: _Connection) -> None:
+        """Acknowledge a registration (the first frame the client gets after ``register``),
+        then hand the client's interrupted sessions to the runner."""
+        if not await connection.peer.send_first(registration_ack(), open_gate=True):
             raise WebSocketDisconnect(1006, "connection_lost")
-        logger.info("client %s registered as %s", client_id, client_type.value)
-        await self._sessions.resume_interrupted(client_id)
-        return connection
+        logger.info(
+            "client %s registered as %s", connection.client_id, connection.client_type.value
+        )
+        await self._sessions.resume_interrupted(connection.client_id)
 
     async def _serve(self, connection: _Connection) -> None:
         peer = connection.peer
@@ -315,6 +366,12 @@ class Endpoint:
             return
         session_id = message.session_id or str(uuid.uuid4())
         task_name = sanitise_task_name(message.task_name)
+        known = self._registry.get_session(session_id)
+        if known is not None and known.owner_id != requester:
+            # Ownership first: another client must not learn more than that (PROTOCOL.md).
+            refusal = SessionOwnershipError(session_id, known.owner_id)
+            await peer.send(error(str(refusal), session_id=session_id))
+            return
         if self._sessions.is_running(session_id):
             await peer.send(error(f"session_id '{session_id}' is already running"))
             return
