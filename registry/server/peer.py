@@ -36,6 +36,8 @@ class Peer:
         self._lock = asyncio.Lock()
         self._gate = asyncio.Event()
         self.closed_by_server: tuple[int, str] | None = None
+        #: Event-loop time of the last frame received (for the idle sweeper).
+        self.last_heard = asyncio.get_running_loop().time()
 
     def open_gate(self) -> None:
         """Let every sender through (once the handshake is over, whatever its outcome)."""

@@ -26,7 +26,6 @@ from registry.errors import (
     InvalidArgumentError,
     RegistryClosedError,
     SessionOwnershipError,
-    StoreUnavailableError,
 )
 from registry.registry import Registry
 from registry.server import closecodes
@@ -120,6 +119,33 @@ class Endpoint:
         self._settings = settings
         self._registry = registry
         self._sessions = sessions
+        self._peers: set[Peer] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the idle sweeper (one task for every connection, instead of a timer per
+        frame): it closes peers that sent nothing for ``idle_timeout`` seconds."""
+        self._sweeper = asyncio.get_running_loop().create_task(
+            self._sweep(), name="registry-idle-sweeper"
+        )
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+
+    async def _sweep(self) -> None:
+        idle = self._settings.idle_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(idle / 4, 5.0))
+            deadline = loop.time() - idle
+            stale = [peer for peer in self._peers if peer.last_heard < deadline]
+            if stale:
+                await asyncio.gather(
+                    *(peer.close(closecodes.IDLE_TIMEOUT, "idle_timeout") for peer in stale)
+                )
 
     async def __call__(self, websocket: WebSocket) -> None:
         if not token_matches(websocket.query_params.get("token"), self._settings.api_key):
@@ -127,6 +153,7 @@ class Endpoint:
             return
         await websocket.accept()
         peer = Peer(websocket, self._settings.send_timeout)
+        self._peers.add(peer)
         connection: _Connection | None = None
         code: int | None = None
         reason = "closed"
@@ -147,6 +174,7 @@ class Endpoint:
             code, reason = closecodes.INTERNAL_ERROR, "internal_error"
             await peer.close(code, reason)
         finally:
+            self._peers.discard(peer)
             peer.open_gate()  # senders waiting for the handshake find the socket closed
             if peer.closed_by_server is not None:
                 code, reason = peer.closed_by_server
@@ -181,13 +209,11 @@ class Endpoint:
                 await self._registry.flush()
             logger.info("client %s disconnected (%s, %s)", client_id, code, reason)
 
-    async def _receive(self, peer: Peer, idle_seconds: float) -> str | None:
-        """The next text frame (None for a binary one); raises on disconnect or idle timeout."""
-        try:
-            async with asyncio.timeout(idle_seconds):
-                message = await peer.websocket.receive()
-        except TimeoutError:
-            raise _Closed(closecodes.IDLE_TIMEOUT, "idle_timeout") from None
+    async def _receive(self, peer: Peer) -> str | None:
+        """The next text frame (None for a binary one); raises on disconnect. Idle peers are
+        closed by the sweeper, which makes this raise too."""
+        message = await peer.websocket.receive()
+        peer.last_heard = asyncio.get_running_loop().time()
         if message["type"] == "websocket.disconnect":
             code: int = message.get("code", 1000)
             # uvicorn's own disconnect events carry no "reason" key; a client's close frame
@@ -205,7 +231,11 @@ class Endpoint:
         return text
 
     async def _handshake(self, peer: Peer) -> _Connection:
-        text = await self._receive(peer, self._settings.handshake_timeout)
+        try:
+            async with asyncio.timeout(self._settings.handshake_timeout):
+                text = await self._receive(peer)
+        except TimeoutError:
+            raise _Closed(closecodes.IDLE_TIMEOUT, "idle_timeout") from None
         if text is None:
             raise _Closed(closecodes.INVALID_REGISTRATION, "binary_registration")
         parsed = _parse(text)
@@ -231,7 +261,7 @@ class Endpoint:
             raise _Closed(closecodes.TARGET_NOT_CONNECTED, "target_not_connected")
         client = peer.websocket.client
         try:
-            await self._registry.add_client_durable(
+            self._registry.add_client(
                 client_id,
                 platform if isinstance(platform, str) else str(platform),
                 peer,
@@ -241,7 +271,20 @@ class Endpoint:
             )
             system_info = metadata.get("system_info")
             if client_type is ClientType.DEVICE and isinstance(system_info, dict):
-                await self._registry.set_device_info_durable(client_id, system_info)
+                self._registry.set_device_info(client_id, system_info)
+            # One wait for both writes: the registration is durable before it is acknowledged.
+            async with asyncio.timeout(self._settings.store_timeout):
+                await self._registry.flush()
+        except TimeoutError:
+            if self._registry.get_client(client_id) is peer:
+                self._registry.remove_client(client_id, reason="store_unavailable")
+            await peer.send_first(
+                error(
+                    "Registration could not be recorded: the store did not commit within "
+                    f"{self._settings.store_timeout:g}s"
+                )
+            )
+            raise _Closed(closecodes.STORE_UNAVAILABLE, "store_unavailable") from None
         except DuplicateClientError as exc:
             await peer.send_first(error(str(exc)))
             raise _Closed(closecodes.DUPLICATE_CLIENT, "duplicate_client") from None
@@ -250,11 +293,6 @@ class Endpoint:
                 await self._registry.remove_client_durable(client_id, reason="invalid_registration")
             await peer.send_first(error(f"Invalid registration: {exc}"))
             raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration") from None
-        except StoreUnavailableError as exc:
-            if self._registry.get_client(client_id) is peer:
-                self._registry.remove_client(client_id, reason="store_unavailable")
-            await peer.send_first(error(f"Registration could not be recorded: {exc}"))
-            raise _Closed(closecodes.STORE_UNAVAILABLE, "store_unavailable") from None
         return _Connection(peer, client_id, client_type, parsed.target_id)
 
     async def _welcome(self, connection: _Connection) -> None:
@@ -270,7 +308,7 @@ class Endpoint:
     async def _serve(self, connection: _Connection) -> None:
         peer = connection.peer
         while True:
-            text = await self._receive(peer, self._settings.idle_timeout)
+            text = await self._receive(peer)
             if text is None:
                 await peer.send(error("Binary frames are not supported; send JSON text frames"))
                 continue
