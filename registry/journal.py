@@ -27,6 +27,8 @@ from registry.store.writes import Op, Row, apply
 logger = logging.getLogger(__name__)
 
 Applier = Callable[[AsyncConnection, Sequence[tuple[Op, Row]]], Awaitable[None]]
+#: Called after each commit with the committed batch and the commit's duration in seconds.
+Listener = Callable[[Sequence[tuple[Op, Row]], float], None]
 
 RETRY_INITIAL_SECONDS = 0.05
 RETRY_MAX_SECONDS = 5.0
@@ -36,7 +38,9 @@ class Journal:
     """Ordered queue of row operations with one writer task.
 
     Sequence numbers count appended operations from 1; :meth:`wait` returns once the operation
-    with that number (and so every earlier one) is committed.
+    with that number (and so every earlier one) is committed. Each of :attr:`listeners` is
+    called in the writer task after every commit, with the batch and the commit's duration:
+    keep listeners quick and free of I/O. One that raises is logged; the writer carries on.
     """
 
     def __init__(self, engine: AsyncEngine, applier: Applier = apply) -> None:
@@ -50,6 +54,8 @@ class Journal:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._delay = RETRY_INITIAL_SECONDS
+        self.listeners: list[Listener] = []
         self.last_error: StoreUnavailableError | None = None
         self.commits = 0
         self.committed_operations = 0
@@ -129,35 +135,51 @@ class Journal:
                     raise
 
     async def _run(self) -> None:
-        delay = RETRY_INITIAL_SECONDS
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
-                batch, self._pending = self._pending, []
-                started = time.perf_counter()
-                try:
-                    async with self._engine.begin() as connection:
-                        await self._apply(connection, batch)
-                except (SQLAlchemyError, OSError) as exc:
-                    self._pending = batch + self._pending
-                    self.last_error = StoreUnavailableError(
-                        f"committing {len(batch)} operations failed: {describe(exc)}"
-                    )
-                    logger.error("%s; retrying in %.2fs", self.last_error, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX_SECONDS)
-                    continue
-                delay = RETRY_INITIAL_SECONDS
-                if self.last_error is not None:
-                    logger.warning("store writable again after: %s", self.last_error)
-                    self.last_error = None
-                self._committed += len(batch)
-                self.commits += 1
-                self.committed_operations += len(batch)
-                self.last_batch_size = len(batch)
-                self.last_commit_seconds = time.perf_counter() - started
-                self._release()
+                await self._commit_pending()
+
+    async def _commit_pending(self) -> None:
+        """Commit everything queued in one transaction; on failure put it back and back off.
+
+        The batch lives only in this frame (and in the journal while it is retried), so an idle
+        writer holds no rows.
+        """
+        batch, self._pending = self._pending, []
+        started = time.perf_counter()
+        try:
+            async with self._engine.begin() as connection:
+                await self._apply(connection, batch)
+        except (SQLAlchemyError, OSError) as exc:
+            self._pending = batch + self._pending
+            self.last_error = StoreUnavailableError(
+                f"committing {len(batch)} operations failed: {describe(exc)}"
+            )
+            logger.error("%s; retrying in %.2fs", self.last_error, self._delay)
+            await asyncio.sleep(self._delay)
+            self._delay = min(self._delay * 2, RETRY_MAX_SECONDS)
+            return
+        self._done(batch, time.perf_counter() - started)
+
+    def _done(self, batch: Sequence[tuple[Op, Row]], seconds: float) -> None:
+        """Account for a committed batch, wake its waiters and tell the listeners."""
+        self._delay = RETRY_INITIAL_SECONDS
+        if self.last_error is not None:
+            logger.warning("store writable again after: %s", self.last_error)
+            self.last_error = None
+        self._committed += len(batch)
+        self.commits += 1
+        self.committed_operations += len(batch)
+        self.last_batch_size = len(batch)
+        self.last_commit_seconds = seconds
+        self._release()
+        for listener in self.listeners:
+            try:
+                listener(batch, seconds)
+            except Exception:
+                logger.exception("journal listener %r failed", listener)
 
     def _release(self) -> None:
         waiters, committed = self._waiters, self._committed

@@ -3,18 +3,30 @@
 Operations of different kinds commute by construction (connection and link rows have ids that
 are never reused, client and session rows are written as whole-row upserts), so a batch is
 applied kind by kind, each as a single executemany, in :data:`ORDER`.
+
+On SQLite the rows are turned into driver parameters here rather than by SQLAlchemy's
+per-row machinery: the same compiled SQL and the same type processors, but a value object that
+several rows of a batch share (one mutation stamps its client, connection and audit rows with
+one ``datetime``, its client and connection rows with one metadata dict) is converted once.
+The stored values are the ones SQLAlchemy would write. Other dialects use SQLAlchemy's
+executemany as it is.
 """
 
 from __future__ import annotations
 
 import enum
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
+from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Executable, bindparam, func, insert, update
+from sqlalchemy import Dialect, bindparam, func, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.dml import UpdateBase
 
 from registry.store import models
 from registry.store.dialect import upsert
@@ -59,6 +71,25 @@ def _merge_clients(rows: list[Row]) -> list[Row]:
     return list(merged.values())
 
 
+def _merge_sessions(rows: list[Row]) -> list[Row]:
+    """One row per session, as the upsert applied row by row would leave it: the first known
+    owner and executor, the first row's ``created_at``, the last row's everything else."""
+    merged: dict[str, Row] = {}
+    for row in rows:
+        earlier = merged.get(row["session_id"])
+        if earlier is not None:
+            row = {
+                **row,
+                "owner_id": row["owner_id"] if earlier["owner_id"] is None else earlier["owner_id"],
+                "executor_id": (
+                    row["executor_id"] if earlier["executor_id"] is None else earlier["executor_id"]
+                ),
+                "created_at": earlier["created_at"],
+            }
+        merged[row["session_id"]] = row
+    return list(merged.values())
+
+
 def _last_by(key: str) -> Callable[[list[Row]], list[Row]]:
     def merge(rows: list[Row]) -> list[Row]:
         return list({row[key]: row for row in rows}.values())
@@ -73,12 +104,12 @@ def _keep(rows: list[Row]) -> list[Row]:
 # Upserts touch a row at most once per statement (PostgreSQL refuses a second touch).
 _MERGE: dict[Op, Callable[[list[Row]], list[Row]]] = defaultdict(
     lambda: _keep,
-    {Op.CLIENT: _merge_clients, Op.SESSION: _last_by("session_id"), Op.NODE_BEAT: _last_by("b_id")},
+    {Op.CLIENT: _merge_clients, Op.SESSION: _merge_sessions, Op.NODE_BEAT: _last_by("b_id")},
 )
 
 
 @cache
-def statement(op: Op, dialect_name: str) -> Executable:
+def statement(op: Op, dialect_name: str) -> UpdateBase:
     """The statement that applies a list of ``op`` rows (cached per dialect)."""
     c, s = models.connections.c, models.sessions.c
     at = bindparam("b_at", type_=models.UTCDateTime())
@@ -139,13 +170,116 @@ def statement(op: Op, dialect_name: str) -> Executable:
             )
 
 
+Processor = Callable[[Any], Any]
+TypeKey = tuple[type, str]
+
+#: Value types worth converting once per batch when rows share the object.
+_SHARED_TYPES = (datetime, dict, list)
+
+
+@dataclass(frozen=True, slots=True)
+class DriverPlan:
+    """A statement compiled for one dialect, with how to turn a row into driver parameters.
+
+    ``values`` picks the row's values in bind order; ``conversions`` lists (position, bind
+    processor, key of the bind's type) for the binds whose type converts the value. Types with
+    equal keys convert a value the same way, so a shared value object is converted once.
+    """
+
+    sql: str
+    values: Callable[[Row], tuple[Any, ...]]
+    conversions: tuple[tuple[int, Processor, TypeKey], ...]
+
+
+_PLANS: weakref.WeakKeyDictionary[Dialect, dict[tuple[Op, tuple[str, ...]], DriverPlan | None]]
+_PLANS = weakref.WeakKeyDictionary()
+
+
+def driver_plan(dialect: Dialect, op: Op, keys: tuple[str, ...]) -> DriverPlan | None:
+    """The driver-level plan for ``op`` rows with ``keys`` (cached), or None to let SQLAlchemy
+    execute the statement (other dialects, or a statement the plan cannot express)."""
+    plans = _PLANS.get(dialect)
+    if plans is None:
+        plans = _PLANS[dialect] = {}
+    try:
+        return plans[op, keys]
+    except KeyError:
+        pass
+    plan = None
+    if dialect.name == "sqlite":
+        compiled = statement(op, dialect.name).compile(
+            dialect=dialect, column_keys=list(keys), for_executemany=True
+        )
+        names = compiled.positiontup
+        if (
+            compiled.positional
+            and names
+            and not compiled.escaped_bind_names
+            and not compiled.effective_returning
+            and set(names) <= set(keys)
+        ):
+            conversions = []
+            for position, name in enumerate(names):
+                type_ = compiled.binds[name].type
+                processor = type_.dialect_impl(dialect).bind_processor(dialect)
+                if processor is not None:
+                    conversions.append((position, processor, (type(type_), repr(type_))))
+            pick = itemgetter(*names)
+            values = pick if len(names) > 1 else lambda row: (pick(row),)
+            plan = DriverPlan(compiled.string, values, tuple(conversions))
+    plans[op, keys] = plan
+    return plan
+
+
+def driver_parameters(
+    plan: DriverPlan, rows: Sequence[Row], converted: dict[tuple[TypeKey, int], Any]
+) -> list[tuple[Any, ...]] | None:
+    """``rows`` as positional driver parameters, or None when a row lacks a key the plan needs
+    or a value fails to convert (SQLAlchemy then executes the rows and reports the error as it
+    always does).
+
+    ``converted`` memoises conversions of shared value objects; keep it for one batch only
+    (an id names one object only while the batch's rows hold it).
+    """
+    pick, conversions = plan.values, plan.conversions
+    parameters: list[tuple[Any, ...]] = []
+    try:
+        for row in rows:
+            if not conversions:
+                parameters.append(pick(row))
+                continue
+            values = list(pick(row))
+            for position, processor, kind in conversions:
+                value = values[position]
+                if isinstance(value, _SHARED_TYPES):
+                    memo = (kind, id(value))
+                    try:
+                        values[position] = converted[memo]
+                    except KeyError:
+                        values[position] = converted[memo] = processor(value)
+                else:
+                    values[position] = processor(value)
+            parameters.append(tuple(values))
+    except Exception:
+        return None
+    return parameters
+
+
 async def apply(connection: AsyncConnection, batch: Sequence[tuple[Op, Row]]) -> None:
     """Apply ``batch`` inside the caller's transaction, one executemany per kind."""
     buckets: dict[Op, list[Row]] = defaultdict(list)
     for op, row in batch:
         buckets[op].append(row)
-    dialect_name = connection.dialect.name
+    dialect = connection.dialect
+    converted: dict[tuple[TypeKey, int], Any] = {}
     for op in ORDER:
         rows = buckets.get(op)
-        if rows:
-            await connection.execute(statement(op, dialect_name), _MERGE[op](rows))
+        if not rows:
+            continue
+        rows = _MERGE[op](rows)
+        plan = driver_plan(dialect, op, tuple(rows[0]))
+        parameters = None if plan is None else driver_parameters(plan, rows, converted)
+        if plan is None or parameters is None:
+            await connection.execute(statement(op, dialect.name), rows)
+        else:
+            await connection.exec_driver_sql(plan.sql, parameters)
