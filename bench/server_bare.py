@@ -1,0 +1,101 @@
+"""The baseline of the server benchmark: a bare FastAPI WebSocket endpoint.
+
+``/ws`` accepts, then answers every text frame (the first one being the ``register``) with one
+ack-shaped frame: the full server envelope, ``type: heartbeat``, ``status: ok``, a fresh
+``response_id`` and ``timestamp``. No validation, no registry, no database, no middleware.
+
+It runs under uvicorn with exactly the options ``registry serve`` uses (``registry/cli.py``),
+taken from the same :class:`~registry.settings.Settings`, so both servers get the same WebSocket
+implementation, event loop, frame size limit, ping interval/timeout and log level.
+
+Run: ``python -m bench.server_bare --port 8765 --log-level warning``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+
+from registry.settings import Settings
+
+#: The server envelope's fields in wire order (PROTOCOL.md), all null unless set.
+ENVELOPE_FIELDS = (
+    "type",
+    "status",
+    "user_request",
+    "agent_name",
+    "process_name",
+    "root_name",
+    "actions",
+    "messages",
+    "error",
+    "session_id",
+    "task_name",
+    "timestamp",
+    "response_id",
+    "result",
+)
+
+
+def ack_frame() -> str:
+    """One ``heartbeat``/``ok`` frame shaped like the registry's ack."""
+    envelope: dict[str, Any] = dict.fromkeys(ENVELOPE_FIELDS)
+    envelope.update(
+        type="heartbeat",
+        status="ok",
+        timestamp=datetime.now(UTC).isoformat(),
+        response_id=str(uuid.uuid4()),
+    )
+    return json.dumps(envelope, separators=(",", ":"))
+
+
+def create_bare_app() -> FastAPI:
+    """The baseline app: ``/ws`` acks every text frame until the peer goes away."""
+    app = FastAPI(title="bare-baseline")
+
+    @app.websocket("/ws")
+    async def websocket_endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            while True:
+                await websocket.receive_text()
+                await websocket.send_text(ack_frame())
+        except WebSocketDisconnect:
+            return
+
+    return app
+
+
+def uvicorn_options(settings: Settings, log_level: str) -> dict[str, Any]:
+    """The keyword arguments ``registry serve`` passes to ``uvicorn.run`` (keep in step)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "ws_max_size": settings.max_frame_bytes,
+        "ws_ping_interval": settings.ping_interval,
+        "ws_ping_timeout": settings.ping_timeout,
+        "log_level": log_level,
+        "proxy_headers": False,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve the baseline app on 127.0.0.1 until interrupted."""
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    settings = Settings(host="127.0.0.1", port=args.port)
+    uvicorn.run(create_bare_app(), **uvicorn_options(settings, args.log_level))
+
+
+if __name__ == "__main__":
+    main()
