@@ -1,21 +1,41 @@
-"""The ``registry`` command line: ``serve`` runs the server; ``db`` manages the schema.
+"""The ``registry`` command line.
+
+``serve`` runs the server; ``db`` manages the schema; ``clients``, ``client``, ``history``,
+``sessions``, ``audit`` and ``stats`` read the database directly (so they work while the server
+is down), as tables or, with ``--json``, as JSON; ``prune`` applies retention.
 
 Every option of ``serve`` is also a ``REGISTRY_*`` environment variable; options given on the
-command line win.
+command line win. Exit codes: 0 success, 1 not found, 2 bad usage, 3 database unavailable or
+schema mismatch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import secrets
 import sys
-from typing import Any
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from pydantic_core import to_jsonable_python
+from sqlalchemy.exc import SQLAlchemyError
+from tabulate import tabulate
 
-from registry.errors import RegistryError
+from registry.errors import InvalidArgumentError, RegistryError, StoreError, describe
+from registry.history import MAX_LIMIT, History
 from registry.settings import Settings
-from registry.store.dialect import DEFAULT_URL
+from registry.store.dialect import DEFAULT_URL, create_engine
+from registry.store.schema import ensure_schema
+from registry.types import ClientType, SessionState
+
+if TYPE_CHECKING:
+    from registry.prune import PruneReport
+
+T = TypeVar("T")
 
 
 def _settings(**options: Any) -> Settings:
@@ -86,8 +106,12 @@ def _run_schema(action: str, database_url: str | None) -> None:
     url = _settings(database_url=database_url).database_url
     try:
         asyncio.run(run_alembic(url, action))
-    except RegistryError as exc:
-        raise click.ClickException(str(exc)) from exc
+    except InvalidArgumentError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except RegistryError as exc:  # unreachable, or not at the newest revision
+        raise _StoreFailure(str(exc)) from exc
+    except (SQLAlchemyError, OSError) as exc:
+        raise _StoreFailure(f"cannot reach {url}: {describe(exc)}") from exc
 
 
 @db.command()
@@ -109,6 +133,348 @@ def current(database_url: str | None) -> None:
 def check(database_url: str | None) -> None:
     """Fail unless the database is at the newest revision and matches the models."""
     _run_schema("check", database_url)
+
+
+# -- reading the store ----------------------------------------------------------------------
+
+EXIT_NOT_FOUND = 1
+EXIT_STORE = 3
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class _StoreFailure(click.ClickException):
+    exit_code = EXIT_STORE
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``15m``, ``12h``, ``30d`` or ``2w`` as a timedelta."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise click.BadParameter(f"{text!r} is not a duration like 30d, 12h, 15m, 90s or 2w")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _time(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not an ISO 8601 time") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _query(database_url: str | None, action: Callable[[History], Awaitable[T]]) -> T:
+    """Run ``action`` on a History of the database, mapping store errors to exit code 3.
+
+    Parse every argument before calling this: bad usage is exit code 2 whatever the database."""
+    url = _settings(database_url=database_url).database_url
+
+    async def run() -> T:
+        engine = create_engine(url)
+        try:
+            await ensure_schema(engine, auto_migrate=False)
+            return await action(History(engine))
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(run())
+    except InvalidArgumentError as exc:  # e.g. --since after --until: bad usage
+        raise click.UsageError(str(exc)) from exc
+    except StoreError as exc:
+        raise _StoreFailure(str(exc)) from exc
+    except (SQLAlchemyError, OSError) as exc:
+        raise _StoreFailure(f"cannot read {url}: {describe(exc)}") from exc
+
+
+def _emit(value: Any, as_json: bool, rows: list[dict[str, Any]], empty: str) -> None:
+    if as_json:
+        click.echo(json.dumps(to_jsonable_python(value), indent=2))
+    elif rows:
+        click.echo(tabulate(rows, headers="keys", tablefmt="simple"))
+    else:
+        click.echo(empty)
+
+
+def _when(value: datetime | None) -> str:
+    return "" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}s"
+
+
+def _read_options(function: Any) -> Any:
+    function = click.option("--json", "as_json", is_flag=True, help="Print JSON.")(function)
+    return _database_option(function)
+
+
+def _window_options(function: Any) -> Any:
+    function = click.option("--until", help="ISO 8601 time (exclusive; naive is UTC).")(function)
+    return click.option("--since", help="ISO 8601 time (naive is UTC).")(function)
+
+
+@main.command()
+@_read_options
+@click.option("--type", "client_type", type=click.Choice([k.value for k in ClientType]))
+@click.option("--platform")
+def clients(
+    database_url: str | None, as_json: bool, client_type: str | None, platform: str | None
+) -> None:
+    """Clients connected now, on every node."""
+    rows = _query(database_url, lambda h: h.open_connections(limit=MAX_LIMIT))
+    rows = [
+        row
+        for row in rows
+        if (client_type is None or row.client_type == client_type)
+        and (platform is None or row.platform.lower() == platform.lower())
+    ]
+    table = [
+        {
+            "client": r.client_id,
+            "type": r.client_type.value,
+            "platform": r.platform,
+            "connected": _when(r.connected_at),
+            "node": r.node_id[:8],
+            "address": r.remote_address or "",
+        }
+        for r in rows
+    ]
+    _emit(rows, as_json, table, "no clients online")
+
+
+@main.command()
+@_read_options
+@click.argument("client_id")
+def client(database_url: str | None, as_json: bool, client_id: str) -> None:
+    """What is known of one client."""
+    summary = _query(database_url, lambda h: h.client(client_id))
+    if summary is None:
+        click.echo(f"client {client_id!r} was never seen", err=True)
+        sys.exit(EXIT_NOT_FOUND)
+    table = [
+        {"field": name, "value": value}
+        for name, value in (
+            ("client", summary.client_id),
+            ("type", summary.client_type),
+            ("platform", summary.platform),
+            ("online", "yes" if summary.online else "no"),
+            ("connected", _when(summary.connected_at)),
+            ("first seen", _when(summary.first_seen)),
+            ("last seen", _when(summary.last_seen)),
+            ("connections", summary.connection_count),
+            ("metadata", json.dumps(summary.metadata)),
+        )
+    ]
+    _emit(summary, as_json, table, "")
+
+
+@main.command()
+@_read_options
+@_window_options
+@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=50, show_default=True)
+@click.argument("client_id")
+def history(
+    database_url: str | None,
+    as_json: bool,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    client_id: str,
+) -> None:
+    """Connection history of one client, newest first."""
+    since_at, until_at = _time(since), _time(until)
+    page = _query(
+        database_url,
+        lambda h: h.connections(client_id, since=since_at, until=until_at, limit=limit),
+    )
+    table = [
+        {
+            "connected": _when(r.connected_at),
+            "disconnected": _when(r.disconnected_at),
+            "duration": _seconds(r.duration_seconds),
+            "code": "" if r.close_code is None else r.close_code,
+            "reason": r.close_reason or "",
+            "node": r.node_id[:8],
+        }
+        for r in page.items
+    ]
+    answer = {  # as GET /api/clients/{id}/connections: each with its duration
+        "items": [
+            {**to_jsonable_python(r), "duration_seconds": r.duration_seconds} for r in page.items
+        ],
+        "next_cursor": page.next_cursor,
+    }
+    _emit(answer, as_json, table, f"no connections of {client_id!r}")
+
+
+@main.command()
+@_read_options
+@_window_options
+@click.option("--client", "client_id", help="Sessions this client owned or executed.")
+@click.option("--state", type=click.Choice([s.value for s in SessionState]))
+@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=50, show_default=True)
+def sessions(
+    database_url: str | None,
+    as_json: bool,
+    since: str | None,
+    until: str | None,
+    client_id: str | None,
+    state: str | None,
+    limit: int,
+) -> None:
+    """Sessions, newest first."""
+    since_at, until_at = _time(since), _time(until)
+    page = _query(
+        database_url,
+        lambda h: h.sessions(client_id, state=state, since=since_at, until=until_at, limit=limit),
+    )
+    table = [
+        {
+            "session": r.session_id,
+            "task": r.task_name or "",
+            "owner": r.owner_id or "",
+            "executor": r.executor_id or "",
+            "state": r.state.value,
+            "created": _when(r.created_at),
+            "ended": _when(r.ended_at),
+            "reason": r.end_reason or "",
+        }
+        for r in page.items
+    ]
+    _emit(page, as_json, table, "no sessions")
+
+
+@main.command()
+@_read_options
+@_window_options
+@click.option("--kind")
+@click.option("--client", "client_id")
+@click.option("--session", "session_id")
+@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=50, show_default=True)
+def audit(
+    database_url: str | None,
+    as_json: bool,
+    since: str | None,
+    until: str | None,
+    kind: str | None,
+    client_id: str | None,
+    session_id: str | None,
+    limit: int,
+) -> None:
+    """The audit trail, newest first."""
+    since_at, until_at = _time(since), _time(until)
+    page = _query(
+        database_url,
+        lambda h: h.audit(
+            kind=kind,
+            client_id=client_id,
+            session_id=session_id,
+            since=since_at,
+            until=until_at,
+            newest_first=True,
+            limit=limit,
+        ),
+    )
+    table = [
+        {
+            "id": e.event_id,
+            "at": _when(e.at),
+            "kind": e.kind,
+            "client": e.client_id or "",
+            "session": e.session_id or "",
+            "details": json.dumps(e.details),
+        }
+        for e in page.items
+    ]
+    _emit(page, as_json, table, "no audit events")
+
+
+@main.command()
+@_read_options
+@_window_options
+def stats(database_url: str | None, as_json: bool, since: str | None, until: str | None) -> None:
+    """Online now, and figures over a window (default: the last 24 hours)."""
+    since_at, until_at = _time(since), _time(until)
+    figures = _query(database_url, lambda h: h.statistics(since=since_at, until=until_at))
+    table: list[dict[str, Any]] = [
+        {"figure": "window", "value": f"{_when(figures.since)} .. {_when(figures.until)}"},
+        *(
+            {"figure": f"online {kind}", "value": count}
+            for kind, count in figures.online_by_type.items()
+        ),
+        *(
+            {"figure": f"online on {platform}", "value": count}
+            for platform, count in figures.online_by_platform.items()
+        ),
+        {"figure": "connections", "value": figures.connections},
+        {"figure": "distinct clients", "value": figures.distinct_clients},
+        {"figure": "mean duration", "value": _seconds(figures.mean_duration_seconds)},
+        {"figure": "p95 duration", "value": _seconds(figures.p95_duration_seconds)},
+        *(
+            {"figure": f"closed: {reason}", "value": count}
+            for reason, count in figures.disconnects_by_reason.items()
+        ),
+        *(
+            {"figure": f"sessions {state}", "value": count}
+            for state, count in figures.sessions_by_state.items()
+        ),
+        *(
+            {"figure": f"availability {device}", "value": f"{fraction:.1%}"}
+            for device, fraction in figures.availability.items()
+        ),
+    ]
+    _emit(figures, as_json, table, "")
+
+
+@main.command()
+@_database_option
+@click.option("--older-than", "older_than", required=True, help="Age like 30d, 12h or 2w.")
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def prune(database_url: str | None, older_than: str, dry_run: bool, as_json: bool) -> None:
+    """Delete history and audit older than --older-than, in bounded batches.
+
+    Open connections, active or interrupted sessions and each device's latest info snapshot
+    are never deleted.
+    """
+    from registry.prune import prune as run_prune
+
+    cutoff = datetime.now(UTC) - parse_duration(older_than)
+    url = _settings(database_url=database_url).database_url
+
+    async def run() -> PruneReport:
+        engine = create_engine(url)
+        try:
+            await ensure_schema(engine, auto_migrate=False)
+            planned = await run_prune(engine, cutoff, dry_run=True)
+            if dry_run:
+                return planned
+            total = sum(planned.counts().values())
+            done: dict[str, int] = {}
+            with click.progressbar(length=total, label="pruning", file=sys.stderr) as bar:
+
+                def progress(table: str, rows: int) -> None:
+                    bar.update(rows - done.get(table, 0))
+                    done[table] = rows
+
+                return await run_prune(engine, cutoff, progress=progress)
+        finally:
+            await engine.dispose()
+
+    try:
+        report = asyncio.run(run())
+    except InvalidArgumentError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except StoreError as exc:
+        raise _StoreFailure(str(exc)) from exc
+    except (SQLAlchemyError, OSError) as exc:
+        raise _StoreFailure(f"cannot prune {url}: {describe(exc)}") from exc
+    verb = "would delete" if dry_run else "deleted"
+    table = [{"table": name, verb: count} for name, count in report.counts().items()]
+    _emit(report, as_json, table, "")
 
 
 if __name__ == "__main__":  # pragma: no cover

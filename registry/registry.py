@@ -190,6 +190,13 @@ class Registry:
     or ``"replace"`` (close the old connection record with reason ``replaced``).
     ``auto_migrate`` defaults to on for SQLite and off for PostgreSQL, where several nodes
     share the database and an operator runs ``registry db upgrade``.
+
+    ``node_name`` names this node across restarts: a new run closes what an earlier run of the
+    same name left open (``server_restart``). It defaults to ``host:pid``, unique per process;
+    the server passes ``host:port``, so a restarted server recognises its earlier run while two
+    servers on one host stay apart. Runs of other names are closed (``node_lost``) only once
+    their heartbeat is ``node_timeout`` seconds old. SQLite has one node: every earlier run
+    that did not stop is taken as gone.
     """
 
     def __init__(
@@ -210,7 +217,9 @@ class Registry:
             raise InvalidArgumentError(
                 "on_duplicate", f"must be 'refuse' or 'replace', not {on_duplicate!r}"
             ) from None
-        self._node_name = _require_id("node_name", node_name or socket.gethostname())
+        self._node_name = _require_id(
+            "node_name", node_name or f"{socket.gethostname()}:{os.getpid()}"
+        )
         _positive("heartbeat_interval", heartbeat_interval)
         _positive("node_timeout", node_timeout)
         _positive("close_timeout", close_timeout, allow_none=True)

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         "heartbeat every 120 s).",
     )
     handshake_timeout: float = Field(default=30.0, gt=0)
+    store_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a registration waits for its commit before it is refused (4503).",
+    )
     ping_interval: float = Field(default=20.0, gt=0)
     ping_timeout: float = Field(default=20.0, gt=0)
     send_timeout: float = Field(
@@ -58,6 +63,9 @@ class Settings(BaseSettings):
         default=600.0, gt=0, description="Seconds a session waits for command_results."
     )
     max_sessions_per_client: int = Field(default=64, gt=0)
+    metrics_open: bool = Field(
+        default=False, description="Serve /metrics without the API key (for a scraper)."
+    )
     heartbeat_interval: float = Field(default=5.0, gt=0)
     node_timeout: float = Field(default=30.0, gt=0)
 

@@ -4,16 +4,21 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, WebSocket
+from fastapi import Depends, FastAPI, Request, Response, WebSocket
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from uvicorn.importer import ImportFromStringError, import_from_string
 
 from registry.errors import InvalidArgumentError
 from registry.registry import Registry
-from registry.server.api import create_router
+from registry.server.api import create_router, require_api_key
+from registry.server.history_api import create_history_router
+from registry.server.metrics import Metrics
 from registry.server.sessions import SessionManager, SessionRunner
 from registry.server.ws import Endpoint
 from registry.settings import Settings
@@ -41,7 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = Registry(
             settings.database_url,
             on_duplicate=settings.on_duplicate,
-            node_name=settings.node_name,
+            node_name=settings.node_name or f"{socket.gethostname()}:{settings.port}",
             auto_migrate=settings.auto_migrate,
             heartbeat_interval=settings.heartbeat_interval,
             node_timeout=settings.node_timeout,
@@ -49,13 +54,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await registry.start()
         sessions = SessionManager(registry, runner, settings.command_timeout)
         endpoint = Endpoint(settings, registry, sessions)
+        endpoint.start()
         app.state.registry = registry
         app.state.sessions = sessions
+        app.state.metrics = Metrics(registry)
         app.state.endpoint = endpoint
         logger.info("registry serving on node %s (%s)", registry.node_id, registry.database_url)
         try:
             yield
         finally:
+            await endpoint.close()
             await sessions.close()
             await registry.close()
 
@@ -63,6 +71,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts())
     app.include_router(create_router())
+    app.include_router(create_history_router())
+
+    @app.exception_handler(InvalidArgumentError)
+    async def invalid_argument(request: Request, exc: InvalidArgumentError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    metrics_guard = [] if settings.metrics_open else [Depends(require_api_key)]
+
+    @app.get("/metrics", dependencies=metrics_guard, response_class=Response)
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics of this node, in the text exposition format."""
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.websocket("/ws")
     async def websocket_endpoint(websocket: WebSocket) -> None:

@@ -1,0 +1,179 @@
+"""Operator routes under ``/api``: history, sessions, device info, statistics and the audit
+trail, answered from the store (cluster-wide), with cursor paging and capped page sizes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import BaseModel, ConfigDict
+
+from registry.history import DEFAULT_LIMIT, MAX_LIMIT, History
+from registry.server.api import require_api_key
+from registry.types import (
+    AuditEvent,
+    ClientSummary,
+    ClientType,
+    DeviceInfoSnapshot,
+    Page,
+    SessionDetail,
+    SessionRecord,
+    SessionState,
+    Statistics,
+)
+
+
+class ConnectionEntry(BaseModel):
+    """One connection of a client's history, with its duration (``None`` while open)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    connection_id: str
+    client_id: str
+    node_id: str
+    client_type: ClientType
+    platform: str
+    metadata: dict[str, Any]
+    remote_address: str | None
+    connected_at: datetime
+    disconnected_at: datetime | None
+    close_code: int | None
+    close_reason: str | None
+    duration_seconds: float | None
+
+
+def _history(request: Request) -> History:
+    history: History = request.app.state.registry.history
+    return history
+
+
+HistoryDep = Annotated[History, Depends(_history)]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description=f"Page size, at most {MAX_LIMIT}.")]
+Cursor = Annotated[str | None, Query(description="next_cursor of the previous page.")]
+Since = Annotated[datetime | None, Query(description="ISO 8601; naive times are UTC.")]
+Until = Annotated[datetime | None, Query(description="ISO 8601, exclusive; naive is UTC.")]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _not_found(what: str) -> HTTPException:
+    return HTTPException(status_code=404, detail=f"{what} not found")
+
+
+def create_history_router() -> APIRouter:
+    router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)])
+
+    @router.get("/clients/{client_id}")
+    async def client(client_id: str, request: Request, history: HistoryDep) -> ClientSummary:
+        """Live info if the client is on this node, else what the store last knew."""
+        summary = await history.client(client_id)
+        if summary is None:
+            raise _not_found(f"Client '{client_id}'")
+        live = request.app.state.registry.get_client_info(client_id)
+        return summary.with_live(live)
+
+    @router.get("/clients/{client_id}/connections")
+    async def connections(
+        client_id: str,
+        history: HistoryDep,
+        since: Since = None,
+        until: Until = None,
+        limit: Limit = DEFAULT_LIMIT,
+        cursor: Cursor = None,
+    ) -> Page[ConnectionEntry]:
+        """Connection history, newest first, with each connection's duration in seconds."""
+        page = await history.connections(
+            client_id, since=_utc(since), until=_utc(until), limit=limit, cursor=cursor
+        )
+        return Page(
+            items=[ConnectionEntry.model_validate(record) for record in page.items],
+            next_cursor=page.next_cursor,
+        )
+
+    @router.get("/sessions")
+    async def sessions(
+        history: HistoryDep,
+        client: str | None = None,
+        role: Literal["owner", "executor"] | None = None,
+        state: SessionState | None = None,
+        since: Since = None,
+        until: Until = None,
+        limit: Limit = DEFAULT_LIMIT,
+        cursor: Cursor = None,
+    ) -> Page[SessionRecord]:
+        """Sessions, newest first; ``client`` with ``role`` narrows to owned or executed."""
+        return await history.sessions(
+            client,
+            role=role,
+            state=state,
+            since=_utc(since),
+            until=_utc(until),
+            limit=limit,
+            cursor=cursor,
+        )
+
+    @router.get("/sessions/{session_id}")
+    async def session(session_id: str, history: HistoryDep) -> SessionDetail:
+        """A session with its links and its audit events."""
+        detail = await history.session(session_id)
+        if detail is None:
+            raise _not_found(f"Session '{session_id}'")
+        return detail
+
+    @router.get("/devices/{device_id}/info")
+    async def device_info(device_id: str, history: HistoryDep) -> DeviceInfoSnapshot:
+        """The latest info snapshot, also while the device is offline."""
+        snapshot = await history.latest_device_info(device_id)
+        if snapshot is None:
+            raise _not_found(f"Device info for '{device_id}'")
+        return snapshot
+
+    @router.get("/devices/{device_id}/info/history")
+    async def device_info_history(
+        device_id: str,
+        history: HistoryDep,
+        since: Since = None,
+        until: Until = None,
+        limit: Limit = DEFAULT_LIMIT,
+        cursor: Cursor = None,
+    ) -> Page[DeviceInfoSnapshot]:
+        """Info snapshots over time, newest first."""
+        return await history.device_info(
+            device_id, since=_utc(since), until=_utc(until), limit=limit, cursor=cursor
+        )
+
+    @router.get("/stats")
+    async def stats(history: HistoryDep, since: Since = None, until: Until = None) -> Statistics:
+        """Online now, and figures over a window (default: the last 24 hours)."""
+        return await history.statistics(since=_utc(since), until=_utc(until))
+
+    @router.get("/audit")
+    async def audit(
+        history: HistoryDep,
+        kind: str | None = None,
+        client: str | None = None,
+        session: str | None = None,
+        since: Since = None,
+        until: Until = None,
+        order: Literal["asc", "desc"] = "asc",
+        limit: Limit = DEFAULT_LIMIT,
+        cursor: Cursor = None,
+    ) -> Page[AuditEvent]:
+        """The audit trail in event order (``order=desc`` for newest first)."""
+        return await history.audit(
+            kind=kind,
+            client_id=client,
+            session_id=session,
+            since=_utc(since),
+            until=_utc(until),
+            newest_first=order == "desc",
+            limit=limit,
+            cursor=cursor,
+        )
+
+    return router
