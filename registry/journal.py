@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from registry.errors import RegistryClosedError, StoreUnavailableError, describe
@@ -59,8 +58,6 @@ class Journal:
         self.last_error: StoreUnavailableError | None = None
         self.commits = 0
         self.committed_operations = 0
-        self.last_batch_size = 0
-        self.last_commit_seconds = 0.0
 
     @property
     def depth(self) -> int:
@@ -85,12 +82,6 @@ class Journal:
         self._appended += 1
         if not self._wakeup.is_set():
             self._wakeup.set()
-        return self._appended
-
-    def extend(self, operations: Sequence[tuple[Op, Row]]) -> int:
-        """Queue several operations in order; returns the last sequence number."""
-        for op, row in operations:
-            self.append(op, row)
         return self._appended
 
     async def wait(self, sequence: int) -> None:
@@ -152,7 +143,7 @@ class Journal:
         try:
             async with self._engine.begin() as connection:
                 await self._apply(connection, batch)
-        except (SQLAlchemyError, OSError) as exc:
+        except Exception as exc:  # never let one failure stop the writer (Cancelled passes)
             self._pending = batch + self._pending
             self.last_error = StoreUnavailableError(
                 f"committing {len(batch)} operations failed: {describe(exc)}"
@@ -172,8 +163,6 @@ class Journal:
         self._committed += len(batch)
         self.commits += 1
         self.committed_operations += len(batch)
-        self.last_batch_size = len(batch)
-        self.last_commit_seconds = seconds
         self._release()
         for listener in self.listeners:
             try:

@@ -7,17 +7,27 @@ The live map stores private copies; :meth:`LiveMap.copy_info` builds the copies 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Any
 
 from registry.types import ClientInfo, ClientType, LinkRole, SessionInfo
 
 
 @dataclass(slots=True)
 class LiveClient:
-    """A live client: the private :class:`ClientInfo` and its metadata as canonical JSON."""
+    """A live client: the private :class:`ClientInfo` and its metadata as canonical JSON.
+
+    ``flat`` is true when no metadata value is a container, so a shallow copy is a full one.
+    """
 
     info: ClientInfo
     metadata_json: str
+    flat: bool = False
+
+    @classmethod
+    def of(cls, info: ClientInfo, metadata_json: str) -> LiveClient:
+        flat = not any(isinstance(value, dict | list) for value in info.metadata.values())
+        return cls(info, metadata_json, flat)
 
 
 @dataclass(slots=True)
@@ -33,6 +43,8 @@ class LiveMap:
     """This node's registry state. Indexes are kept in step by the methods below."""
 
     clients: dict[str, LiveClient] = field(default_factory=dict)
+    #: client id -> its websocket: ``get_client`` in one lookup.
+    sockets: dict[str, Any] = field(default_factory=dict)
     by_type: dict[ClientType, dict[str, LiveClient]] = field(
         default_factory=lambda: {kind: {} for kind in ClientType}
     )
@@ -52,6 +64,7 @@ class LiveMap:
     def add(self, live: LiveClient) -> None:
         info = live.info
         self.clients[info.client_id] = live
+        self.sockets[info.client_id] = info.websocket
         self.by_type[info.client_type][info.client_id] = live
         self.by_platform.setdefault(info.platform.lower(), {})[info.client_id] = live
 
@@ -59,6 +72,7 @@ class LiveMap:
         live = self.clients.pop(client_id, None)
         if live is None:
             return None
+        del self.sockets[client_id]
         info = live.info
         del self.by_type[info.client_type][client_id]
         platform_key = info.platform.lower()
@@ -71,8 +85,17 @@ class LiveMap:
     @staticmethod
     def copy_info(live: LiveClient) -> ClientInfo:
         """A copy of a live client's info that shares nothing mutable with the registry."""
-        metadata = {} if live.metadata_json == "{}" else json.loads(live.metadata_json)
-        return replace(live.info, metadata=metadata)
+        info = live.info
+        return ClientInfo(
+            info.client_id,
+            info.platform,
+            info.websocket,
+            info.client_type,
+            dict(info.metadata) if live.flat else json.loads(live.metadata_json),
+            info.connect_time,
+            info.connection_id,
+            info.remote_address,
+        )
 
     # -- session maps ----------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from registry.audit import AuditKind
 from registry.store import models
 from registry.store.dialect import json_object
-from registry.types import LinkRole, SessionInfo, SessionState, canonical_json
+from registry.types import LinkRole, SessionInfo, SessionState
+from registry.validation import canonical_json
 
 REASON_RESTART = "server_restart"
 REASON_NODE_LOST = "node_lost"

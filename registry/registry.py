@@ -42,7 +42,13 @@ from registry.journal import Journal
 from registry.livemap import DeviceInfoEntry, LiveClient, LiveMap
 from registry.recovery import close_gone_runs, load_state
 from registry.store import models
-from registry.store.dialect import DEFAULT_URL, create_engine, is_sqlite, parse_url
+from registry.store.dialect import (
+    DEFAULT_URL,
+    checkpoint_deferred,
+    create_engine,
+    is_sqlite,
+    parse_url,
+)
 from registry.store.schema import ensure_schema
 from registry.store.writes import Op, Row
 from registry.types import (
@@ -52,12 +58,21 @@ from registry.types import (
     LinkRole,
     SessionInfo,
     SessionState,
-    canonical_json,
+)
+from registry.validation import (
+    MAX_ID_LENGTH,
+    client_type_of,
+    close_code,
+    free_text,
+    optional_text,
+    require_document,
+    require_id,
+    require_positive,
+    require_text,
 )
 
 logger = logging.getLogger(__name__)
 
-MAX_ID_LENGTH = 255
 REASON_REMOVED = "removed"
 REASON_REPLACED = "replaced"
 REASON_SHUTDOWN = "server_shutdown"
@@ -71,117 +86,6 @@ def _utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
 
 
-def _storable_text(value: str) -> str | None:
-    """Why ``value`` cannot be stored on every backend, or None if it can.
-
-    PostgreSQL refuses NUL characters in text and JSON, and neither driver can encode lone
-    surrogates; such a value would fail every commit of its batch, so it is refused up front.
-    """
-    if "\x00" in value:
-        return "must not contain NUL characters"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "must be valid Unicode (no lone surrogates)"
-    return None
-
-
-def _require_text(argument: str, value: object, *, max_length: int | None = None) -> str:
-    if not isinstance(value, str):
-        raise InvalidArgumentError(argument, f"must be a string, not {type(value).__name__}")
-    if max_length is not None and len(value) > max_length:
-        raise InvalidArgumentError(argument, f"must be at most {max_length} characters")
-    problem = _storable_text(value)
-    if problem is not None:
-        raise InvalidArgumentError(argument, problem)
-    return value
-
-
-def _optional_text(argument: str, value: object, *, max_length: int | None = None) -> str | None:
-    return None if value is None else _require_text(argument, value, max_length=max_length)
-
-
-def _free_text(argument: str, value: object) -> str | None:
-    """A free-text reason, made storable: NUL and lone surrogates become U+FFFD.
-
-    A disconnect or a session end must never be refused over its description (often a
-    peer's close frame or a device's error message): the id has to be freed regardless.
-    """
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidArgumentError(
-            argument, f"must be a string or None, not {type(value).__name__}"
-        )
-    if _storable_text(value) is None:
-        return value
-    cleaned = value.replace("\x00", "\ufffd")
-    return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in cleaned)
-
-
-def _require_id(argument: str, value: object) -> str:
-    if isinstance(value, str) and (not value or value.isspace()):
-        raise InvalidArgumentError(argument, "must not be empty")
-    return _require_text(argument, value, max_length=MAX_ID_LENGTH)
-
-
-def _document_problem(value: Any) -> str | None:
-    """Why a decoded JSON document cannot be stored on every backend, or None."""
-    if isinstance(value, str):
-        return _storable_text(value)
-    if isinstance(value, dict):
-        for key, item in value.items():
-            problem = _storable_text(key) or _document_problem(item)
-            if problem is not None:
-                return problem
-    elif isinstance(value, list):
-        for item in value:
-            problem = _document_problem(item)
-            if problem is not None:
-                return problem
-    return None
-
-
-def _require_document(argument: str, value: object) -> str:
-    if not isinstance(value, dict):
-        raise InvalidArgumentError(argument, f"must be a dict, not {type(value).__name__}")
-    try:
-        document = canonical_json(value, argument)
-        # Canonical JSON is ASCII: NUL and surrogates can only appear as \u escapes.
-        if "\\u0000" in document or "\\ud" in document:
-            problem = _document_problem(json.loads(document))
-            if problem is not None:
-                raise InvalidArgumentError(argument, f"strings in it {problem}")
-    except RecursionError:
-        raise InvalidArgumentError(argument, "is nested too deeply") from None
-    return document
-
-
-def _close_code(value: object) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
-        raise InvalidArgumentError("code", "must be a WebSocket close code (0-65535) or None")
-    return value
-
-
-def _positive(argument: str, value: object, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-        raise InvalidArgumentError(argument, f"must be a positive number, not {value!r}")
-
-
-def _client_type(value: object) -> ClientType:
-    try:
-        return ClientType(value)  # type: ignore[arg-type]  # checked right here
-    except ValueError:
-        choices = ", ".join(kind.value for kind in ClientType)
-        raise InvalidArgumentError(
-            "client_type", f"unknown client type {value!r} (expected one of: {choices})"
-        ) from None
-
-
 class Registry:
     """Durable registry of this node's clients, sessions and device info.
 
@@ -192,11 +96,11 @@ class Registry:
     share the database and an operator runs ``registry db upgrade``.
 
     ``node_name`` names this node across restarts: a new run closes what an earlier run of the
-    same name left open (``server_restart``). It defaults to ``host:pid``, unique per process;
-    the server passes ``host:port``, so a restarted server recognises its earlier run while two
-    servers on one host stay apart. Runs of other names are closed (``node_lost``) only once
-    their heartbeat is ``node_timeout`` seconds old. SQLite has one node: every earlier run
-    that did not stop is taken as gone.
+    same name left open (``server_restart``). By default each run is named by its own node id,
+    so no other run is ever taken for it; the server passes ``host:port``, so a restarted
+    server recognises its earlier run while two servers on one host stay apart. Runs of other
+    names are closed (``node_lost``) once their heartbeat is ``node_timeout`` seconds old.
+    SQLite has one node: every earlier run that did not stop is taken as gone.
     """
 
     def __init__(
@@ -217,12 +121,10 @@ class Registry:
             raise InvalidArgumentError(
                 "on_duplicate", f"must be 'refuse' or 'replace', not {on_duplicate!r}"
             ) from None
-        self._node_name = _require_id(
-            "node_name", node_name or f"{socket.gethostname()}:{os.getpid()}"
-        )
-        _positive("heartbeat_interval", heartbeat_interval)
-        _positive("node_timeout", node_timeout)
-        _positive("close_timeout", close_timeout, allow_none=True)
+        self._node_name = None if node_name is None else require_id("node_name", node_name)
+        require_positive("heartbeat_interval", heartbeat_interval)
+        require_positive("node_timeout", node_timeout)
+        require_positive("close_timeout", close_timeout, allow_none=True)
         self._auto_migrate = is_sqlite(self._url) if auto_migrate is None else auto_migrate
         self._heartbeat_interval = heartbeat_interval
         self._node_timeout = timedelta(seconds=node_timeout)
@@ -294,11 +196,12 @@ class Registry:
 
     async def _recover(self, engine: AsyncEngine) -> None:
         now = datetime.now(UTC)
-        async with engine.begin() as connection:
+        name = self._node_name or self.node_id
+        async with engine.connect() as outer, checkpoint_deferred(outer) as connection:
             await connection.execute(
                 insert(models.nodes).values(
                     node_id=self.node_id,
-                    name=self._node_name,
+                    name=name,
                     hostname=socket.gethostname(),
                     pid=os.getpid(),
                     started_at=now,
@@ -310,13 +213,13 @@ class Registry:
                     at=now,
                     node_id=self.node_id,
                     kind=AuditKind.NODE_STARTED,
-                    details={"name": self._node_name, "pid": os.getpid()},
+                    details={"name": name, "pid": os.getpid()},
                 )
             )
             await close_gone_runs(
                 connection,
                 node_id=self.node_id,
-                node_name=self._node_name,
+                node_name=name,
                 now=now,
                 node_timeout=self._node_timeout,
                 single_node=is_sqlite(self._url),
@@ -496,11 +399,11 @@ class Registry:
         metadata: dict[str, Any] | None,
         remote_address: str | None,
     ) -> tuple[LiveClient, int]:
-        client_id = _require_id("client_id", client_id)
-        platform = _require_text("platform", platform, max_length=MAX_ID_LENGTH)
-        kind = _client_type(client_type)
-        metadata_json = _require_document("metadata", {} if metadata is None else metadata)
-        remote_address = _optional_text("remote_address", remote_address, max_length=MAX_ID_LENGTH)
+        client_id = require_id("client_id", client_id)
+        platform = require_text("platform", platform, max_length=MAX_ID_LENGTH)
+        kind = client_type_of(client_type)
+        metadata_json = require_document("metadata", {} if metadata is None else metadata)
+        remote_address = optional_text("remote_address", remote_address, max_length=MAX_ID_LENGTH)
         journal = self.journal
         now = time.time()
         at = _utc(now)
@@ -526,7 +429,7 @@ class Registry:
             connection_id=str(uuid.uuid4()),
             remote_address=remote_address,
         )
-        live = LiveClient(info, metadata_json)
+        live = LiveClient.of(info, metadata_json)
         self._live.add(live)
         self._client_row(live, at)
         journal.append(
@@ -570,9 +473,9 @@ class Registry:
         await self._durable(self._remove_client(client_id, code, reason))
 
     def _remove_client(self, client_id: str, code: int | None, reason: str | None) -> int | None:
-        client_id = _require_id("client_id", client_id)
-        code = _close_code(code)
-        reason = _free_text("reason", reason)
+        client_id = require_id("client_id", client_id)
+        code = close_code(code)
+        reason = free_text("reason", reason)
         self._check_removable()
         live = self._live.clients.get(client_id)
         if live is None:
@@ -604,8 +507,7 @@ class Registry:
 
     def get_client(self, client_id: str) -> Any | None:
         """The WebSocket of a live client, or None."""
-        live = self._live.clients.get(client_id)
-        return live.info.websocket if live else None
+        return self._live.sockets.get(client_id)
 
     def get_client_info(self, client_id: str) -> ClientInfo | None:
         """A copy of a live client's info, or None."""
@@ -684,8 +586,8 @@ class Registry:
         self._end(session_id, state, reason)
 
     def _bind(self, role: LinkRole, client_id: str, session_id: str) -> int | None:
-        client_id = _require_id(_ROLE_ARGUMENT[role], client_id)
-        session_id = _require_id("session_id", session_id)
+        client_id = require_id(_ROLE_ARGUMENT[role], client_id)
+        session_id = require_id("session_id", session_id)
         self._check_open()
         at = datetime.now(UTC)
         session = self._live.sessions.get(session_id)
@@ -719,7 +621,7 @@ class Registry:
         )
 
     def _unbind_client(self, role: LinkRole, client_id: str) -> None:
-        client_id = _require_id(_ROLE_ARGUMENT[role], client_id)
+        client_id = require_id(_ROLE_ARGUMENT[role], client_id)
         self._check_removable()
         if client_id not in self._live.session_maps[role]:
             return
@@ -753,8 +655,8 @@ class Registry:
             final = SessionState.ACTIVE
         if final is SessionState.ACTIVE:
             raise InvalidArgumentError("state", f"must be a final session state, not {state!r}")
-        reason = _free_text("reason", reason)
-        session_id = _require_id("session_id", session_id)
+        reason = free_text("reason", reason)
+        session_id = require_id("session_id", session_id)
         self._check_removable()
         session = self._live.sessions.get(session_id)
         if session is None:
@@ -789,7 +691,17 @@ class Registry:
             self._live.sessions[session.session_id] = session
         sequence = self._append(
             Op.SESSION,
-            {**dataclasses.asdict(session), "state": session.state.value, "node_id": self.node_id},
+            {
+                "session_id": session.session_id,
+                "owner_id": session.owner_id,
+                "executor_id": session.executor_id,
+                "task_name": session.task_name,
+                "state": session.state.value,
+                "node_id": self.node_id,
+                "created_at": session.created_at,
+                "ended_at": session.ended_at,
+                "end_reason": session.end_reason,
+            },
         )
         if kind is not None:
             sequence = self._audit(
@@ -841,11 +753,11 @@ class Registry:
         task. A session id belongs to the client that first created it, also across restarts:
         another client gets :class:`SessionOwnershipError` and nothing changes.
         """
-        session_id = _require_id("session_id", session_id)
-        owner_id = _require_id("owner_id", owner_id)
-        executor_id = _require_id("executor_id", executor_id)
+        session_id = require_id("session_id", session_id)
+        owner_id = require_id("owner_id", owner_id)
+        executor_id = require_id("executor_id", executor_id)
         if task_name is not None:
-            task_name = _require_id("task_name", task_name)
+            task_name = require_id("task_name", task_name)
         self._check_open()
         if session_id not in self._live.sessions:
             # The session's earlier rows may still be queued: read the owner once they are in.
@@ -889,8 +801,8 @@ class Registry:
         await self._durable(self._set_device_info(device_id, device_info))
 
     def _set_device_info(self, device_id: str, device_info: dict[str, Any]) -> int | None:
-        device_id = _require_id("device_id", device_id)
-        document = _require_document("device_info", device_info)
+        device_id = require_id("device_id", device_id)
+        document = require_document("device_info", device_info)
         self._check_open()
         digest = hashlib.sha256(document.encode()).hexdigest()
         cached = self._live.device_info.get(device_id)

@@ -6,7 +6,6 @@ Records returned by queries are frozen dataclasses; ORM objects never leave the 
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -222,14 +221,3 @@ class Page(Generic[T]):
 
     items: list[T] = field(default_factory=list)
     next_cursor: str | None = None
-
-
-def canonical_json(value: Any, argument: str) -> str:
-    """Serialise ``value`` as canonical JSON (sorted keys, no NaN), or raise
-    :class:`~registry.errors.InvalidArgumentError` naming ``argument``."""
-    from registry.errors import InvalidArgumentError
-
-    try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError(argument, f"must be JSON-serialisable ({exc})") from exc

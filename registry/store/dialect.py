@@ -3,19 +3,21 @@ epoch arithmetic. The rest of the store is dialect-neutral SQLAlchemy."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import ColumnCollection, ColumnElement, Float, Table, event, func, make_url
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
 from registry.errors import InvalidArgumentError
 
 DEFAULT_URL = "sqlite+aiosqlite:///registry.db"
 SQLITE_BUSY_TIMEOUT_MS = 5000
+SQLITE_AUTOCHECKPOINT_PAGES = 1000  # SQLite's default
 
 
 def parse_url(url: str | URL) -> URL:
@@ -102,3 +104,26 @@ def least(dialect_name: str, *values: Any) -> ColumnElement[Any]:
 def greatest(dialect_name: str, *values: Any) -> ColumnElement[Any]:
     """The largest of ``values`` (SQLite's scalar ``max``, PostgreSQL's ``greatest``)."""
     return func.greatest(*values) if dialect_name == "postgresql" else func.max(*values)
+
+
+@asynccontextmanager
+async def checkpoint_deferred(connection: AsyncConnection) -> AsyncIterator[AsyncConnection]:
+    """A transaction on ``connection`` whose commit does not checkpoint SQLite's WAL.
+
+    A large transaction (start-up recovery) would otherwise copy the whole WAL back into the
+    database inside its commit; deferred, the next commit of the writer task does it in the
+    background. Other dialects just get the transaction.
+    """
+    sqlite_file = connection.dialect.name == "sqlite"
+    if sqlite_file:
+        await connection.exec_driver_sql("PRAGMA wal_autocheckpoint = 0")
+        await connection.commit()
+    try:
+        async with connection.begin():
+            yield connection
+    finally:
+        if sqlite_file:
+            await connection.exec_driver_sql(
+                f"PRAGMA wal_autocheckpoint = {SQLITE_AUTOCHECKPOINT_PAGES}"
+            )
+            await connection.commit()

@@ -486,7 +486,7 @@ CRASHING_RUN = textwrap.dedent(
     from registry import ClientType, Registry
 
     async def main() -> None:
-        reg = Registry(sys.argv[1], auto_migrate=True)
+        reg = Registry(sys.argv[1], auto_migrate=True, node_name="node-a")
         await reg.start()
         reg.add_client("d1", "linux", object(), ClientType.DEVICE)
         reg.add_client("c1", "linux", object(), ClientType.CONSTELLATION)
@@ -516,7 +516,8 @@ async def test_restart_after_a_crash_recovers(database_url: str) -> None:
     assert read_now(database_url, "SELECT count(*) FROM connections WHERE disconnected_at IS NULL")[
         0
     ] == (2,)
-    async with Registry(database_url) as reg:
+    # The same node name: the new run knows the crashed one was itself (on PostgreSQL too).
+    async with Registry(database_url, node_name="node-a") as reg:
         assert read_now(
             database_url, "SELECT count(*) FROM connections WHERE disconnected_at IS NULL"
         )[0] == (0,)
@@ -951,3 +952,20 @@ async def test_mutations_on_a_registry_not_started_raise(database_url: str) -> N
         reg.add_client("d1", "linux", object(), ClientType.DEVICE)
     reg.remove_client("d1")
     assert not reg.is_online("d1")
+
+
+async def test_another_live_node_on_the_same_host_is_left_alone(database_url: str) -> None:
+    """Default node names are unique per process, so starting a second registry on the same
+    host must not take the first one's live connections for a crashed run's leftovers (on
+    SQLite, one node per file, an unstopped run is always taken as gone)."""
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite is single-node: every unstopped run is taken as gone")
+    async with Registry(database_url) as first:
+        first.add_client("d1", "linux", object(), ClientType.DEVICE)
+        await first.flush()
+        async with Registry(database_url) as second:
+            assert second.node_id != first.node_id
+            still_open = read_now(
+                database_url, "SELECT count(*) FROM connections WHERE disconnected_at IS NULL"
+            )
+            assert still_open == [(1,)]
