@@ -18,6 +18,7 @@ import secrets
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -28,7 +29,7 @@ from tabulate import tabulate
 from registry.errors import InvalidArgumentError, RegistryError, StoreError, describe
 from registry.history import MAX_LIMIT, History
 from registry.settings import Settings
-from registry.store.dialect import DEFAULT_URL, create_engine
+from registry.store.dialect import DEFAULT_URL, create_engine, is_sqlite, parse_url
 from registry.store.schema import ensure_schema
 from registry.types import ClientType, SessionState
 
@@ -104,8 +105,20 @@ def _run_schema(action: str, database_url: str | None) -> None:
     from registry.store.schema import run_alembic
 
     url = _settings(database_url=database_url).database_url
+
+    async def run() -> None:
+        if action == "check":
+            # The revision first, read-only: Alembic's check would stamp an empty database
+            # with an (empty) alembic_version table, and a check must not write.
+            engine = create_engine(url)
+            try:
+                await ensure_schema(engine, auto_migrate=False)
+            finally:
+                await engine.dispose()
+        await run_alembic(url, action)
+
     try:
-        asyncio.run(run_alembic(url, action))
+        asyncio.run(run())
     except InvalidArgumentError as exc:
         raise click.UsageError(str(exc)) from exc
     except RegistryError as exc:  # unreachable, or not at the newest revision
@@ -165,11 +178,21 @@ def _time(text: str | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _existing_database(database_url: str | None) -> str:
+    """The database URL to read; a SQLite file that does not exist is exit code 3 (reading
+    must not leave an empty file behind)."""
+    url = _settings(database_url=database_url).database_url
+    parsed = parse_url(url)
+    if is_sqlite(parsed) and parsed.database and not Path(parsed.database).exists():
+        raise _StoreFailure(f"no registry database at {parsed.database}")
+    return url
+
+
 def _query(database_url: str | None, action: Callable[[History], Awaitable[T]]) -> T:
     """Run ``action`` on a History of the database, mapping store errors to exit code 3.
 
     Parse every argument before calling this: bad usage is exit code 2 whatever the database."""
-    url = _settings(database_url=database_url).database_url
+    url = _existing_database(database_url)
 
     async def run() -> T:
         engine = create_engine(url)
@@ -443,7 +466,7 @@ def prune(database_url: str | None, older_than: str, dry_run: bool, as_json: boo
     from registry.prune import prune as run_prune
 
     cutoff = datetime.now(UTC) - parse_duration(older_than)
-    url = _settings(database_url=database_url).database_url
+    url = _existing_database(database_url)
 
     async def run() -> PruneReport:
         engine = create_engine(url)

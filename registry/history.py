@@ -68,21 +68,39 @@ def encode_cursor(*key: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(raw).encode()).decode()
 
 
+_BIGINT = (-(2**63), 2**63 - 1)
+
+
+def _key_part(kind: type, value: Any) -> Any:
+    """One part of a decoded sort key, as ``kind``; ValueError unless it is one exactly (an
+    integer must also fit the BIGINT key columns: the database would refuse it)."""
+    if kind is datetime:
+        if not isinstance(value, str):
+            raise ValueError("not a time")
+        parsed = datetime.fromisoformat(value)
+        if parsed.tzinfo is None:
+            raise ValueError("naive datetime")
+        return parsed
+    if kind is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError("not an integer")
+        if not _BIGINT[0] <= value <= _BIGINT[1]:
+            raise ValueError("integer out of range")
+        return value
+    if not isinstance(value, kind):
+        raise ValueError(f"not a {kind.__name__}")
+    return value
+
+
 def decode_cursor(cursor: str, *kinds: type) -> list[Any]:
     """The sort key in ``cursor``, checked against ``kinds``; InvalidArgumentError otherwise."""
     try:
         raw = json.loads(base64.urlsafe_b64decode(cursor.encode()))
         if not isinstance(raw, list) or len(raw) != len(kinds):
             raise ValueError("wrong shape")
-        key = [
-            datetime.fromisoformat(value) if kind is datetime else kind(value)
-            for kind, value in zip(kinds, raw, strict=True)
-        ]
-        if any(isinstance(value, datetime) and value.tzinfo is None for value in key):
-            raise ValueError("naive datetime")
-    except (ValueError, TypeError, AttributeError) as exc:
+        return [_key_part(kind, value) for kind, value in zip(kinds, raw, strict=True)]
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise InvalidArgumentError("cursor", "is not a cursor returned by this query") from exc
-    return key
 
 
 def _window(column: Any, since: datetime | None, until: datetime | None) -> list[Any]:
@@ -92,6 +110,17 @@ def _window(column: Any, since: datetime | None, until: datetime | None) -> list
     if _aware("until", until) is not None:
         conditions.append(column < until)
     return conditions
+
+
+def _before(
+    column: Any, at: datetime, tiebreak: Any, key: str
+) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """Rows before ``(at, key)`` in ``(column, tiebreak)`` order, newest first: ``column < at
+    OR (column = at AND tiebreak < key)``, written as ``column <= at AND (column < at OR
+    tiebreak < key)`` so that the bound on ``column`` is a plain range an index can seek to.
+    (A top-level OR makes SQLite, once ANALYZEd, read every older row of a client through two
+    index scans and sort them all, 50 ms for 20,000 rows instead of 2 ms.)"""
+    return column <= at, or_(column < at, tiebreak < key)
 
 
 class History:
@@ -148,11 +177,7 @@ class History:
         ]
         if cursor is not None:
             at, connection_id = decode_cursor(cursor, datetime, str)
-            conditions.append(
-                or_(
-                    c.connected_at < at, and_(c.connected_at == at, c.connection_id < connection_id)
-                )
-            )
+            conditions.extend(_before(c.connected_at, at, c.connection_id, connection_id))
         query = (
             select(models.connections)
             .where(*conditions)
@@ -207,9 +232,7 @@ class History:
                 raise InvalidArgumentError("state", f"unknown session state {state!r}") from None
         if cursor is not None:
             at, session_id = decode_cursor(cursor, datetime, str)
-            conditions.append(
-                or_(s.created_at < at, and_(s.created_at == at, s.session_id < session_id))
-            )
+            conditions.extend(_before(s.created_at, at, s.session_id, session_id))
         query = (
             select(models.sessions)
             .where(*conditions)
@@ -395,11 +418,14 @@ async def _statistics(connection: AsyncConnection, since: datetime, until: datet
     opened = and_(c.connected_at >= since, c.connected_at < until)
     closed = and_(opened, c.disconnected_at.is_not(None))
     duration = epoch_seconds(dialect, c.disconnected_at) - epoch_seconds(dialect, c.connected_at)
+    # Distinct clients as a count over a DISTINCT subquery: PostgreSQL hashes it, where
+    # count(DISTINCT ...) sorts every row of the window (3x slower on 30,000 rows).
+    distinct_clients = select(c.client_id).where(opened).distinct().subquery()
     count, distinct, mean, closed_count = (
         await connection.execute(
             select(
                 func.count(),
-                func.count(func.distinct(c.client_id)),
+                select(func.count()).select_from(distinct_clients).scalar_subquery(),
                 func.avg(duration),
                 func.count(c.disconnected_at),
             ).where(opened)
@@ -461,10 +487,21 @@ async def _availability(
     seconds: dict[str, float] = {}
     for index, (condition, began) in enumerate(pieces):
         overlap = least(dialect, ended, literal(end)) - greatest(dialect, began, literal(start))
-        query = select(c.client_id, func.sum(overlap)).where(device, c.connected_at < until)
+        inside = select(c.client_id, overlap.label("seconds")).where(
+            device, c.connected_at < until, condition
+        )
         if index:
-            query = query.where(c.connected_at < since)
-        rows = await connection.execute(query.where(condition).group_by(c.client_id))
+            inside = inside.where(c.connected_at < since)
+        piece = inside.cte(f"piece_{index}")
+        if dialect == "sqlite":
+            # Fence the range scan off from the GROUP BY: otherwise SQLite reads the whole
+            # (client_id, connected_at) index in order, to save sorting the groups, instead of
+            # the range of the condition's index (2 s instead of 15 ms on 1M rows). PostgreSQL
+            # plans the inlined CTE well, and materializing it there only costs time.
+            piece = piece.prefix_with("MATERIALIZED")
+        rows = await connection.execute(
+            select(piece.c.client_id, func.sum(piece.c.seconds)).group_by(piece.c.client_id)
+        )
         for client_id, total in rows:
             seconds[client_id] = seconds.get(client_id, 0.0) + max(float(total or 0.0), 0.0)
     return {client_id: min(total / length, 1.0) for client_id, total in sorted(seconds.items())}

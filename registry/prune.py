@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import ColumnElement, Table, delete, exists, func, insert, select
+from sqlalchemy import ColumnElement, Table, delete, exists, func, insert, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -65,9 +65,15 @@ def _targets(cutoff: datetime) -> list[tuple[str, Table, ColumnElement[bool]]]:
         ),
         ("audit_events", models.audit_events, a.at < cutoff),
         (
+            # No connection named by the node survives this run (judged on the connections
+            # rather than on what is left of them, so a dry run counts the same nodes).
             "nodes",
             models.nodes,
-            (n.stopped_at < cutoff) & ~exists().where(c.node_id == n.node_id),
+            (n.stopped_at < cutoff)
+            & ~exists().where(
+                c.node_id == n.node_id,
+                or_(c.disconnected_at.is_(None), c.disconnected_at >= cutoff),
+            ),
         ),
     ]
 

@@ -6,9 +6,10 @@ Every route answers from memory: none of them waits on the database or on a clie
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Annotated, Any, cast
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel
@@ -18,6 +19,7 @@ from registry.server.peer import Peer
 from registry.server.protocol import ServerMessage, ServerMessageType, TaskStatus
 from registry.server.sessions import SessionManager
 from registry.server.ws import sanitise_task_name, token_matches
+from registry.types import ClientType
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
@@ -62,9 +64,40 @@ def create_router() -> APIRouter:
     router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)])
 
     @router.get("/clients")
-    async def list_clients(registry: RegistryDep) -> dict[str, list[str]]:
-        """Ids of the clients connected to this node."""
-        return {"online_clients": _online(registry)}
+    async def list_clients(
+        registry: RegistryDep,
+        client_type: Annotated[
+            ClientType | None, Query(alias="type", description="Only devices or constellations.")
+        ] = None,
+        platform: Annotated[str | None, Query(description="Only this platform (any case).")] = None,
+        detail: Annotated[bool, Query(description="Also each client's live info.")] = False,
+    ) -> dict[str, Any]:
+        """Ids of the clients connected to this node (``type`` and ``platform`` narrow the
+        list); with ``detail=true`` also each one's info and this node's id."""
+        if platform is not None:
+            infos = [
+                info
+                for info in registry.get_clients_by_platform(platform)
+                if client_type is None or info.client_type is client_type
+            ]
+        elif client_type is not None:
+            infos = registry.get_clients_by_type(client_type)
+        else:
+            infos = registry.get_all_clients()
+        answer: dict[str, Any] = {"online_clients": [info.client_id for info in infos]}
+        if detail:
+            answer["clients"] = [
+                {
+                    "client_id": info.client_id,
+                    "client_type": info.client_type.value,
+                    "platform": info.platform,
+                    "metadata": info.metadata,
+                    "connected_at": datetime.fromtimestamp(info.connect_time, UTC).isoformat(),
+                    "node_id": registry.node_id,
+                }
+                for info in infos
+            ]
+        return answer
 
     @router.get("/health", response_model=None)
     async def health(registry: RegistryDep) -> dict[str, Any] | JSONResponse:
