@@ -80,7 +80,7 @@ def _key_part(kind: type, value: Any) -> Any:
         parsed = datetime.fromisoformat(value)
         if parsed.tzinfo is None:
             raise ValueError("naive datetime")
-        return parsed
+        return parsed.astimezone(UTC)  # OverflowError for an instant UTC cannot hold
     if kind is int:
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError("not an integer")
@@ -99,7 +99,7 @@ def decode_cursor(cursor: str, *kinds: type) -> list[Any]:
         if not isinstance(raw, list) or len(raw) != len(kinds):
             raise ValueError("wrong shape")
         return [_key_part(kind, value) for kind, value in zip(kinds, raw, strict=True)]
-    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+    except (ValueError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
         raise InvalidArgumentError("cursor", "is not a cursor returned by this query") from exc
 
 

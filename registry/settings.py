@@ -63,6 +63,15 @@ class Settings(BaseSettings):
         default=600.0, gt=0, description="Seconds a session waits for command_results."
     )
     max_sessions_per_client: int = Field(default=64, gt=0)
+    max_frames_per_second: float = Field(
+        default=500.0,
+        gt=0,
+        description="Frames per second a connection may keep sending (token-bucket refill "
+        "rate); a peer that outruns it after its burst is closed with 4429.",
+    )
+    frame_burst: int = Field(
+        default=1000, gt=0, description="Frames a connection may send back to back (bucket size)."
+    )
     metrics_open: bool = Field(
         default=False, description="Serve /metrics without the API key (for a scraper)."
     )

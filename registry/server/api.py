@@ -24,6 +24,42 @@ from registry.types import ClientType
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
+class ErrorDetail(BaseModel):
+    """The body of an error answer."""
+
+    detail: str
+
+
+class ValidationProblem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrors(BaseModel):
+    """FastAPI's answer to a request that does not match the route's parameters."""
+
+    detail: list[ValidationProblem]
+
+
+#: The error answers every ``/api`` route may give, for the OpenAPI schema. A 422 is either
+#: FastAPI's own (parameters of the wrong shape) or the registry's (a value it refuses, such as
+#: a cursor it did not issue), whose detail is one string.
+API_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorDetail, "description": "Missing or wrong X-API-Key"},
+    422: {"model": ErrorDetail | ValidationErrors, "description": "Invalid parameters"},
+}
+BAD_REQUEST: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorDetail, "description": "Empty or unsafe fields"}
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorDetail, "description": "Not found"}
+}
+STORE_DOWN: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorDetail, "description": "The store did not answer"}
+}
+
+
 class DispatchRequest(BaseModel):
     client_id: str | None = None
     request: str | None = None
@@ -61,7 +97,7 @@ def _online(registry: Registry) -> list[str]:
 
 def create_router() -> APIRouter:
     """The ``/api`` routes; they find the registry and sessions on ``app.state``."""
-    router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)])
+    router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)], responses=API_ERRORS)
 
     @router.get("/clients")
     async def list_clients(
@@ -99,7 +135,11 @@ def create_router() -> APIRouter:
             ]
         return answer
 
-    @router.get("/health", response_model=None)
+    @router.get(
+        "/health",
+        response_model=None,
+        responses={503: {"description": "``degraded``: the store does not accept writes"}},
+    )
     async def health(registry: RegistryDep) -> dict[str, Any] | JSONResponse:
         """``healthy`` while the store accepts writes; ``degraded`` (503) while it does not."""
         store_error = registry.journal.last_error
@@ -114,7 +154,7 @@ def create_router() -> APIRouter:
             )
         return {"status": "healthy", "online_clients": _online(registry)}
 
-    @router.post("/dispatch")
+    @router.post("/dispatch", responses=BAD_REQUEST | NOT_FOUND)
     async def dispatch(body: DispatchRequest, registry: RegistryDep) -> dict[str, str]:
         """Send a ``task`` frame carrying ``request`` to a connected client."""
         if not body.request:

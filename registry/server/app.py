@@ -14,9 +14,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from uvicorn.importer import ImportFromStringError, import_from_string
 
-from registry.errors import InvalidArgumentError
+from registry.errors import InvalidArgumentError, StoreUnavailableError
 from registry.registry import Registry
-from registry.server.api import create_router, require_api_key
+from registry.server.api import API_ERRORS, create_router, require_api_key
 from registry.server.history_api import create_history_router
 from registry.server.metrics import Metrics
 from registry.server.sessions import SessionManager, SessionRunner
@@ -24,6 +24,28 @@ from registry.server.ws import Endpoint
 from registry.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+class _ClientFaultsAreWarnings(logging.Filter):
+    """uvicorn logs a text frame that is not valid UTF-8 at ERROR, with a traceback, and closes
+    the connection with 1007. Any client can send one, at will: it is the client's fault, not
+    the server's, so it is logged as a one-line warning instead."""
+
+    MESSAGES = frozenset({"Invalid UTF-8 sequence received from client."})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        if (
+            record.levelno >= logging.ERROR
+            and isinstance(message, str)
+            and message in self.MESSAGES
+        ):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_CLIENT_FAULTS = _ClientFaultsAreWarnings()
 
 
 def load_runner(import_string: str) -> SessionRunner:
@@ -40,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The ASGI app for ``settings`` (default: from the environment)."""
     settings = settings or Settings()
     runner = load_runner(settings.runner)
+    logging.getLogger("uvicorn.error").addFilter(_CLIENT_FAULTS)  # a no-op when already added
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,9 +100,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def invalid_argument(request: Request, exc: InvalidArgumentError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
 
+    @app.exception_handler(StoreUnavailableError)
+    async def store_unavailable(request: Request, exc: StoreUnavailableError) -> JSONResponse:
+        """A history query the store did not answer: 503, as /api/health says, not a 500."""
+        logger.warning("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(status_code=503, content={"detail": str(exc)})
+
     metrics_guard = [] if settings.metrics_open else [Depends(require_api_key)]
 
-    @app.get("/metrics", dependencies=metrics_guard, response_class=Response)
+    @app.get(
+        "/metrics",
+        dependencies=metrics_guard,
+        response_class=Response,
+        responses={} if settings.metrics_open else {401: API_ERRORS[401]},
+    )
     async def metrics(request: Request) -> Response:
         """Prometheus metrics of this node, in the text exposition format."""
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 NORMAL = 1000
 GOING_AWAY = 1001  # the server is shutting down
+INVALID_PAYLOAD = 1007  # a text frame that is not valid UTF-8 (sent by uvicorn)
 POLICY_VIOLATION = 1008  # refused before accept: the handshake answers HTTP 403
 MESSAGE_TOO_BIG = 1009  # a frame over max_frame_bytes (sent by uvicorn)
 INTERNAL_ERROR = 1011
@@ -18,6 +19,7 @@ TARGET_NOT_CONNECTED = 4404  # a constellation's target device is not connected
 IDLE_TIMEOUT = 4408  # no frame within idle_timeout (or handshake_timeout)
 DUPLICATE_CLIENT = 4409  # the client id is already live
 SLOW_CONSUMER = 4410  # a send waited longer than send_timeout on a peer that does not read
+RATE_LIMITED = 4429  # frames arrived faster than max_frames_per_second, beyond frame_burst
 STORE_UNAVAILABLE = 4503  # the registration could not be made durable
 
 #: Disconnect reasons recorded for standard codes a client (or uvicorn) closes with.
@@ -26,6 +28,7 @@ REASONS = {
     GOING_AWAY: "going_away",
     1005: "client_closed",
     1006: "connection_lost",
+    INVALID_PAYLOAD: "invalid_payload",
     MESSAGE_TOO_BIG: "message_too_big",
     INTERNAL_ERROR: "internal_error",
     SERVICE_RESTART: "server_shutdown",

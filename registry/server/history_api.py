@@ -3,14 +3,14 @@ trail, answered from the store (cluster-wide), with cursor paging and capped pag
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict
 
 from registry.history import DEFAULT_LIMIT, MAX_LIMIT, History
-from registry.server.api import require_api_key
+from registry.server.api import API_ERRORS, NOT_FOUND, STORE_DOWN, require_api_key
 from registry.types import (
     AuditEvent,
     ClientSummary,
@@ -55,10 +55,25 @@ Since = Annotated[datetime | None, Query(description="ISO 8601; naive times are 
 Until = Annotated[datetime | None, Query(description="ISO 8601, exclusive; naive is UTC.")]
 
 
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
+#: The statistics window when only ``until`` is given (as History.statistics has it).
+_STATS_WINDOW = timedelta(days=1)
+
+
 def _utc(value: datetime | None) -> datetime | None:
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
+    """``value`` in UTC (naive times are UTC). An instant that UTC cannot hold as a datetime
+    (year 1 with a positive offset, year 9999 with a negative one) becomes the first or last
+    one it can: as the bound of a window it selects the same rows, where converting it
+    later, to query the store, would fail."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        return _EARLIEST if value.year == datetime.min.year else _LATEST
 
 
 def _not_found(what: str) -> HTTPException:
@@ -66,9 +81,13 @@ def _not_found(what: str) -> HTTPException:
 
 
 def create_history_router() -> APIRouter:
-    router = APIRouter(prefix="/api", dependencies=[Depends(require_api_key)])
+    router = APIRouter(
+        prefix="/api",
+        dependencies=[Depends(require_api_key)],
+        responses=API_ERRORS | STORE_DOWN,
+    )
 
-    @router.get("/clients/{client_id}")
+    @router.get("/clients/{client_id}", responses=NOT_FOUND)
     async def client(client_id: str, request: Request, history: HistoryDep) -> ClientSummary:
         """Live info if the client is on this node, else what the store last knew."""
         summary = await history.client(client_id)
@@ -117,7 +136,7 @@ def create_history_router() -> APIRouter:
             cursor=cursor,
         )
 
-    @router.get("/sessions/{session_id}")
+    @router.get("/sessions/{session_id}", responses=NOT_FOUND)
     async def session(session_id: str, history: HistoryDep) -> SessionDetail:
         """A session with its links and its audit events."""
         detail = await history.session(session_id)
@@ -125,7 +144,7 @@ def create_history_router() -> APIRouter:
             raise _not_found(f"Session '{session_id}'")
         return detail
 
-    @router.get("/devices/{device_id}/info")
+    @router.get("/devices/{device_id}/info", responses=NOT_FOUND)
     async def device_info(device_id: str, history: HistoryDep) -> DeviceInfoSnapshot:
         """The latest info snapshot, also while the device is offline."""
         snapshot = await history.latest_device_info(device_id)
@@ -150,7 +169,10 @@ def create_history_router() -> APIRouter:
     @router.get("/stats")
     async def stats(history: HistoryDep, since: Since = None, until: Until = None) -> Statistics:
         """Online now, and figures over a window (default: the last 24 hours)."""
-        return await history.statistics(since=_utc(since), until=_utc(until))
+        start, end = _utc(since), _utc(until)
+        if start is None and end is not None and end < _EARLIEST + _STATS_WINDOW:
+            start = _EARLIEST  # the default window would begin before the first instant
+        return await history.statistics(since=start, until=end)
 
     @router.get("/audit")
     async def audit(

@@ -36,8 +36,11 @@ class Peer:
         self._lock = asyncio.Lock()
         self._gate = asyncio.Event()
         self.closed_by_server: tuple[int, str] | None = None
-        #: Event-loop time of the last frame received (for the idle sweeper).
+        #: Event-loop time of the last frame received (for the idle sweeper and flood control).
         self.last_heard = asyncio.get_running_loop().time()
+        #: Frames the peer may still send back to back (flood control's token bucket; the
+        #: receive loop fills it up to ``frame_burst`` and spends one token per frame).
+        self.frame_allowance = 0.0
 
     def open_gate(self) -> None:
         """Let every sender through (once the handshake is over, whatever its outcome)."""
