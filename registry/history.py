@@ -520,6 +520,11 @@ def _connection_record(row: Any) -> ConnectionRecord:
         disconnected_at=row.disconnected_at,
         close_code=row.close_code,
         close_reason=row.close_reason,
+        duration_seconds=(
+            None
+            if row.disconnected_at is None
+            else (row.disconnected_at - row.connected_at).total_seconds()
+        ),
     )
 
 

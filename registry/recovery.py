@@ -13,8 +13,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import and_, case, func, insert, literal, null, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Insert,
+    and_,
+    case,
+    func,
+    insert,
+    literal,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from registry.audit import AuditKind
@@ -37,6 +50,29 @@ class RecoveredState:
     sessions: dict[str, SessionInfo] = field(default_factory=dict)
     links: list[tuple[str, LinkRole, str, str]] = field(default_factory=list)
     device_info: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def _audit_each(
+    now: datetime,
+    node_id: str,
+    kind: AuditKind,
+    client_id: ColumnElement[Any],
+    session_id: ColumnElement[Any],
+    details: ColumnElement[Any],
+    where: ColumnElement[bool],
+) -> Insert:
+    """One audit event per row matching ``where``, written by the database in one statement."""
+    return insert(models.audit_events).from_select(
+        ["at", "node_id", "kind", "client_id", "session_id", "details"],
+        select(
+            literal(now, models.UTCDateTime()),
+            literal(node_id),
+            literal(kind.value),
+            client_id,
+            session_id,
+            details,
+        ).where(where),
+    )
 
 
 async def close_gone_runs(
@@ -65,21 +101,19 @@ async def close_gone_runs(
         reason = REASON_RESTART if single_node or gone_name == node_name else REASON_NODE_LOST
         open_rows = and_(c.node_id == gone_id, c.disconnected_at.is_(None))
         await connection.execute(
-            insert(models.audit_events).from_select(
-                ["at", "node_id", "kind", "client_id", "session_id", "details"],
-                select(
-                    literal(now, models.UTCDateTime()),
-                    literal(node_id),
-                    literal(str(AuditKind.CONNECTION_RECOVERED)),
-                    c.client_id,
-                    null(),
-                    json_object(
-                        dialect,
-                        connection_id=c.connection_id,
-                        reason=literal(reason),
-                        node_id=literal(gone_id),
-                    ),
-                ).where(open_rows),
+            _audit_each(
+                now,
+                node_id,
+                AuditKind.CONNECTION_RECOVERED,
+                c.client_id,
+                null(),
+                json_object(
+                    dialect,
+                    connection_id=c.connection_id,
+                    reason=literal(reason),
+                    node_id=literal(gone_id),
+                ),
+                open_rows,
             )
         )
         # The best known time is the last heartbeat, but a connection opened after it
@@ -98,16 +132,14 @@ async def close_gone_runs(
         closed += result.rowcount
         active = and_(s.state == str(SessionState.ACTIVE), s.node_id == gone_id)
         await connection.execute(
-            insert(models.audit_events).from_select(
-                ["at", "node_id", "kind", "client_id", "session_id", "details"],
-                select(
-                    literal(now, models.UTCDateTime()),
-                    literal(node_id),
-                    literal(str(AuditKind.SESSION_INTERRUPTED)),
-                    s.owner_id,
-                    s.session_id,
-                    json_object(dialect, reason=literal(reason), node_id=literal(gone_id)),
-                ).where(active),
+            _audit_each(
+                now,
+                node_id,
+                AuditKind.SESSION_INTERRUPTED,
+                s.owner_id,
+                s.session_id,
+                json_object(dialect, reason=literal(reason), node_id=literal(gone_id)),
+                active,
             )
         )
         result = await connection.execute(

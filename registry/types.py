@@ -91,13 +91,8 @@ class ConnectionRecord:
     disconnected_at: datetime | None
     close_code: int | None
     close_reason: str | None
-
-    @property
-    def duration_seconds(self) -> float | None:
-        """Seconds connected, or ``None`` while the connection is open."""
-        if self.disconnected_at is None:
-            return None
-        return (self.disconnected_at - self.connected_at).total_seconds()
+    #: Seconds connected, ``None`` while the connection is open.
+    duration_seconds: float | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,17 +4,16 @@ trail, answered from the store (cluster-wide), with cursor paging and capped pag
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from pydantic import BaseModel, ConfigDict
 
 from registry.history import DEFAULT_LIMIT, MAX_LIMIT, History
 from registry.server.api import API_ERRORS, NOT_FOUND, STORE_DOWN, require_api_key
 from registry.types import (
     AuditEvent,
     ClientSummary,
-    ClientType,
+    ConnectionRecord,
     DeviceInfoSnapshot,
     Page,
     SessionDetail,
@@ -22,25 +21,6 @@ from registry.types import (
     SessionState,
     Statistics,
 )
-
-
-class ConnectionEntry(BaseModel):
-    """One connection of a client's history, with its duration (``None`` while open)."""
-
-    model_config = ConfigDict(from_attributes=True)
-
-    connection_id: str
-    client_id: str
-    node_id: str
-    client_type: ClientType
-    platform: str
-    metadata: dict[str, Any]
-    remote_address: str | None
-    connected_at: datetime
-    disconnected_at: datetime | None
-    close_code: int | None
-    close_reason: str | None
-    duration_seconds: float | None
 
 
 def _history(request: Request) -> History:
@@ -104,14 +84,10 @@ def create_history_router() -> APIRouter:
         until: Until = None,
         limit: Limit = DEFAULT_LIMIT,
         cursor: Cursor = None,
-    ) -> Page[ConnectionEntry]:
+    ) -> Page[ConnectionRecord]:
         """Connection history, newest first, with each connection's duration in seconds."""
-        page = await history.connections(
+        return await history.connections(
             client_id, since=_utc(since), until=_utc(until), limit=limit, cursor=cursor
-        )
-        return Page(
-            items=[ConnectionEntry.model_validate(record) for record in page.items],
-            next_cursor=page.next_cursor,
         )
 
     @router.get("/sessions")
