@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.operator.conftest import GONE_INFO_2, Fleet, Outcome, cli, is_sqlite, sql
+from tests.operator.conftest import GONE_INFO_2, Fleet, Outcome, cli, is_sqlite
+from tests.support import sql
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -10,7 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from registry.types import ClientType
-from tests.operator.conftest import WAIT, Clients, Fleet, running_server
+from tests.operator.conftest import Fleet, running_server
+from tests.support import WAIT, Clients
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -25,15 +25,13 @@ from tests.operator.conftest import (
     GONE_INFO_2,
     LIN_INFO,
     WIN_INFO,
-    Clients,
     Fleet,
-    Server,
     cli,
     is_sqlite,
     now,
     running_server,
-    sql,
 )
+from tests.support import Clients, Server, sql
 
 pytestmark = pytest.mark.timeout(90)
 

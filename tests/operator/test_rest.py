@@ -17,13 +17,11 @@ from tests.operator.conftest import (
     GONE_INFO_1,
     GONE_INFO_2,
     LIN_INFO,
-    WAIT,
     WIN_INFO,
-    Clients,
     Fleet,
-    Server,
     now,
 )
+from tests.support import WAIT, Clients, Server
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,7 +12,8 @@ import pytest
 
 from registry import History
 from registry.store.dialect import create_engine
-from tests.operator.conftest import DEVICE_DISCONNECTED, Fleet, is_sqlite, now, sql
+from tests.operator.conftest import DEVICE_DISCONNECTED, Fleet, is_sqlite, now
+from tests.support import sql
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -18,7 +18,7 @@ from websockets.sync.client import connect as sync_connect
 from registry import ConnectionRecord
 from registry.server import closecodes
 from registry.settings import Settings
-from tests.server.conftest import WAIT, Clients, Server, eventually, store
+from tests.support import WAIT, Clients, Server, eventually, store
 
 HEARTBEAT = json.dumps({"type": "heartbeat", "status": "ok"})
 

@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from registry import ClientType, Registry, SessionState
 from registry.server import create_app
 from registry.settings import Settings
-from tests.server.conftest import API_KEY
+from tests.support import API_KEY
 
 pytestmark = pytest.mark.timeout(120)
 

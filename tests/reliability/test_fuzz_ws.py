@@ -40,15 +40,7 @@ from registry.server.protocol import (
     ServerMessageType,
     TaskStatus,
 )
-from tests.server.conftest import (
-    API_KEY,
-    WAIT,
-    Clients,
-    Server,
-    assert_server_frame,
-    sql,
-    until,
-)
+from tests.support import API_KEY, WAIT, Clients, Server, assert_server_frame, sql, until
 
 MAX_FRAME = 150_000  # some of the huge strings go over it: 1009
 #: REGISTRY_FUZZ_EXAMPLES=5000 for a longer hunt.

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.server.conftest import Clients, Server, assert_server_frame
+from tests.support import Clients, Server, assert_server_frame
 
 
 async def test_clients_and_health_list_the_online_clients(server: Server, clients: Clients) -> None:

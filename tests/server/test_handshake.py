@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from registry import ClientType
-from tests.server.conftest import (
+from tests.support import (
     Clients,
     Server,
     assert_error,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from registry import ClientType
-from tests.server.conftest import (
+from tests.support import (
     Client,
     Clients,
     Server,

@@ -8,14 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.server.conftest import (
-    Client,
-    Clients,
-    Server,
-    assert_error,
-    assert_server_frame,
-    sql,
-)
+from tests.support import Client, Clients, Server, assert_error, assert_server_frame, sql
 
 SECRET_INFO = {"os": "victim-os", "secret": "s3cr3t-token-value"}
 

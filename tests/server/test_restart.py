@@ -19,16 +19,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from registry import SessionState
-from tests.server.conftest import (
-    API_KEY,
-    HOST,
-    WAIT,
-    Client,
-    assert_error,
-    eventually,
-    sql,
-    store,
-)
+from tests.support import API_KEY, HOST, WAIT, Client, assert_error, eventually, sql, store
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEM_INFO = {"os": "linux", "cores": 16, "labels": ["lab-3"]}

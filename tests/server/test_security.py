@@ -6,15 +6,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from tests.server.conftest import (
-    API_KEY,
-    HOST,
-    WAIT,
-    Clients,
-    Server,
-    running_server,
-    sql,
-)
+from tests.support import API_KEY, HOST, WAIT, Clients, Server, running_server, sql
 
 
 @pytest.mark.parametrize("token", [None, "", "wrong", API_KEY + "x", "K"])

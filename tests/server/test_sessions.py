@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from registry import ConnectionRecord, SessionState
-from tests.server.conftest import (
+from tests.support import (
     Client,
     Clients,
     Server,
