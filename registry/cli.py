@@ -12,6 +12,7 @@ schema mismatch.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import secrets
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
     from registry.prune import PruneReport
 
 T = TypeVar("T")
+
+#: Allocations between young-generation collections in the server (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 50_000
 
 
 def _settings(**options: Any) -> Settings:
@@ -78,6 +82,11 @@ def serve(no_auth: bool, allowed_hosts: tuple[str, ...], log_level: str, **optio
         app = create_app(settings)
     except RegistryError as exc:
         raise click.ClickException(str(exc)) from exc
+    # Thousands of long-lived connection objects make each full collection long (seen: up to
+    # 0.9 s with 5,000 clients, stalling every connection): move what is loaded now out of
+    # the collector's sight and collect the young generation less often.
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     uvicorn.run(
         app,
         host=settings.host,

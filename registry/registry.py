@@ -716,6 +716,10 @@ class Registry:
 
     # -- session lifecycle (server) --------------------------------------------------------
 
+    def online_counts(self) -> dict[ClientType, int]:
+        """How many clients of each type are live on this node (O(1), no copies)."""
+        return {kind: len(clients) for kind, clients in self._live.by_type.items()}
+
     def session_counts(self) -> dict[SessionState, int]:
         """How many sessions this node knows in each state (active or interrupted)."""
         return dict(Counter(session.state for session in self._live.sessions.values()))

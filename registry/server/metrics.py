@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 from registry.audit import AuditKind
 from registry.registry import Registry
 from registry.store.writes import Op, Row
-from registry.types import ClientType, SessionState
+from registry.types import SessionState
 
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 
@@ -29,8 +29,8 @@ class _LiveCollector(Collector):
         online = GaugeMetricFamily(
             "registry_online_clients", "Clients connected to this node.", labels=["client_type"]
         )
-        for kind in ClientType:
-            online.add_metric([kind.value], len(registry.get_clients_by_type(kind)))
+        for kind, count in registry.online_counts().items():
+            online.add_metric([kind.value], count)
         yield online
         sessions = GaugeMetricFamily(
             "registry_sessions", "Sessions this node knows, by state.", labels=["state"]
