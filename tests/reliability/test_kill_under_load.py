@@ -25,9 +25,6 @@ import json
 import os
 import random
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -35,14 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.support import HOST, WAIT, sql, until
+from tests.support import HOST, WAIT, Serve, free_port, sql, until
 
-ROOT = Path(__file__).resolve().parents[2]
 DEVICES = 60
 CONSTELLATIONS = 6
 #: Devices that disconnect and register again during the load (none is a constellation target).
@@ -51,68 +46,6 @@ HEARTBEAT = 0.3
 DEFAULT_ROUNDS = 3
 SOAK_ROUNDS = os.environ.get("REGISTRY_SOAK_ROUNDS", "")
 SYSTEM_INFO = {"os": "linux", "cores": 4}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-class Serve:
-    """One ``python -m registry serve --no-auth`` process; always reaped by ``stop``."""
-
-    def __init__(self, database_url: str, port: int, log: Path) -> None:
-        self.port = port
-        self._log = log.open("ab")
-        env = {key: value for key, value in os.environ.items() if not key.startswith("REGISTRY_")}
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "registry",
-                "serve",
-                "--host",
-                HOST,
-                "--port",
-                str(port),
-                "--database-url",
-                database_url,
-                "--no-auth",
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    async def ready(self) -> None:
-        deadline = time.monotonic() + 30
-        async with httpx.AsyncClient(base_url=f"http://{HOST}:{self.port}", timeout=2) as http:
-            while True:
-                if self.process.poll() is not None:
-                    raise AssertionError(f"registry serve exited with {self.process.returncode}")
-                with contextlib.suppress(httpx.TransportError):
-                    if (await http.get("/api/health")).status_code == 200:
-                        return
-                if time.monotonic() > deadline:
-                    raise AssertionError("registry serve did not become ready")
-                await asyncio.sleep(0.05)
-
-    async def stop(self, sig: signal.Signals) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            returncode = await asyncio.to_thread(self.process.wait, 30)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-            self._log.close()
-        return returncode
 
 
 # -- what the clients saw ------------------------------------------------------------------
@@ -305,11 +238,11 @@ async def _round(tmp_path: Path, number: int, seed: int) -> None:
     print(f"round {number}: seed {seed}, SIGKILL {delay:.3f}s into the load", flush=True)
     database_url = f"sqlite+aiosqlite:///{tmp_path / f'round-{number}.db'}"
     log = tmp_path / f"serve-{number}.log"
-    port = _free_port()
+    port = free_port()
     load = Load(port, rng)
 
     # -- run 1: load, then SIGKILL at a random moment ---------------------------------------
-    first = Serve(database_url, port, log)
+    first = Serve(database_url, port, log, api_key=None)
     tasks: list[asyncio.Task[None]] = []
     try:
         await first.ready()
@@ -351,7 +284,7 @@ async def _round(tmp_path: Path, number: int, seed: int) -> None:
         assert tally.session_acks <= stored_sessions, tally.session_acks - stored_sessions
 
     # -- run 2: restart on the same database; everyone registers again ------------------------
-    second = Serve(database_url, port, log)
+    second = Serve(database_url, port, log, api_key=None)
     listeners: list[asyncio.Task[None]] = []
     try:
         await second.ready()

@@ -3,93 +3,29 @@ the same database. Runs on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 from websockets.asyncio.client import connect
 
 from registry import SessionState
-from tests.support import API_KEY, HOST, WAIT, Client, assert_error, eventually, sql, store
+from tests.support import (
+    API_KEY,
+    HOST,
+    WAIT,
+    Client,
+    Serve,
+    assert_error,
+    eventually,
+    free_port,
+    sql,
+    store,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 SYSTEM_INFO = {"os": "linux", "cores": 16, "labels": ["lab-3"]}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-class Serve:
-    """One ``python -m registry serve`` process."""
-
-    def __init__(self, database_url: str, port: int, log: Path) -> None:
-        self.port = port
-        self._log = log.open("ab")
-        env = {key: value for key, value in os.environ.items() if not key.startswith("REGISTRY_")}
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "registry",
-                "serve",
-                "--host",
-                HOST,
-                "--port",
-                str(port),
-                "--database-url",
-                database_url,
-                "--api-key",
-                API_KEY,
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    async def ready(self) -> None:
-        deadline = time.monotonic() + 30
-        async with httpx.AsyncClient(
-            base_url=f"http://{HOST}:{self.port}", headers={"X-API-Key": API_KEY}, timeout=2
-        ) as http:
-            while True:
-                if self.process.poll() is not None:
-                    raise AssertionError(f"registry serve exited with {self.process.returncode}")
-                try:
-                    if (await http.get("/api/health")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise AssertionError("registry serve did not become ready")
-                await asyncio.sleep(0.05)
-
-    async def stop(self, sig: signal.Signals) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            returncode = await asyncio.to_thread(self.process.wait, 30)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-            self._log.close()
-        return returncode
 
 
 @asynccontextmanager
@@ -148,7 +84,7 @@ async def _connections(database_url: str, client_id: str) -> list[tuple[str | No
 async def test_sigkill_and_restart_recovers_connections_and_sessions(
     database_url: str, log_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
 
     # -- first run: a device, a constellation, a session the device never answers --------------
     first = Serve(database_url, port, log_path)
