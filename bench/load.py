@@ -79,6 +79,7 @@ from bench.server_procs import (
     free_port,
     machine_busy_seconds,
     raise_fd_limit,
+    reap,
 )
 from registry.store import models
 from registry.store.dialect import create_engine
@@ -355,14 +356,7 @@ class Workers:
         exc: BaseException | None,
         traceback_: TracebackType | None,
     ) -> None:
-        for process in self.processes:
-            process.join(timeout=10 if exc is None else 1)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=5)
+        reap(self.processes, 10 if exc is None else 1)
         for pipe in (*self.pipes, *self._commands):
             pipe.close()
 

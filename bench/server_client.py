@@ -29,6 +29,8 @@ from typing import Any, Literal, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from bench.server_procs import reap
+
 Kind = Literal["handshake", "heartbeat", "idle"]
 T = TypeVar("T")
 
@@ -393,13 +395,6 @@ class ClientGroup:
         exc: BaseException | None,
         traceback_: TracebackType | None,
     ) -> None:
-        for process in self._processes:
-            process.join(timeout=30 if exc is None else 1)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=5)
+        reap(self._processes, 30 if exc is None else 1)
         for pipe in self._pipes:
             pipe.close()

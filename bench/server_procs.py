@@ -19,8 +19,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import IO
 
@@ -28,6 +29,18 @@ HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
+
+
+def reap(processes: Iterable[BaseProcess], timeout: float) -> None:
+    """Join each worker process, terminating (then killing) one that outlives ``timeout``."""
+    for process in processes:
+        process.join(timeout=timeout)
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)
 
 
 def raise_fd_limit(wanted: int) -> tuple[int, int]:
