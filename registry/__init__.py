@@ -8,6 +8,7 @@ several nodes).
 from registry.errors import (
     DuplicateClientError,
     InvalidArgumentError,
+    JournalFullError,
     RegistryClosedError,
     RegistryError,
     SchemaError,
@@ -41,6 +42,7 @@ __all__ = [
     "DuplicatePolicy",
     "History",
     "InvalidArgumentError",
+    "JournalFullError",
     "Page",
     "Registry",
     "RegistryClosedError",

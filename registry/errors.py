@@ -55,6 +55,11 @@ class StoreUnavailableError(StoreError):
     """The database cannot be reached or written (down, read-only, disk full)."""
 
 
+class JournalFullError(StoreUnavailableError):
+    """New work was refused because the journal holds its limit of operations that the store
+    has not committed yet (the store is down or too slow); nothing changed."""
+
+
 class SchemaError(StoreError):
     """The database schema is behind (and auto-migration is off) or unknown to this version."""
 

@@ -7,6 +7,12 @@ batch size follows the load.
 
 When a commit fails (database down, read-only, disk full) the batch stays at the head of the
 journal and the writer retries with capped exponential backoff: nothing queued is dropped.
+
+The journal has a *limit*: while that many operations wait for the store, :meth:`Journal.admit`
+refuses whatever would start something new (a registration, a session) with
+:class:`JournalFullError`, so a long outage costs bounded memory and a clear error instead of
+lost history. Operations that record an end (a disconnect, a session's end) are always
+accepted: they happened, and they are bounded by what is live.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from registry.errors import RegistryClosedError, StoreUnavailableError, describe
+from registry.errors import JournalFullError, RegistryClosedError, StoreUnavailableError, describe
 from registry.store.writes import Op, Row, apply
 
 logger = logging.getLogger(__name__)
@@ -31,6 +37,10 @@ Listener = Callable[[Sequence[tuple[Op, Row]], float], None]
 
 RETRY_INITIAL_SECONDS = 0.05
 RETRY_MAX_SECONDS = 5.0
+#: Default :attr:`Journal.limit`. An operation takes about 0.6 KB of memory (measured over
+#: registrations with device info and their disconnects), so a full journal holds ~60 MB.
+DEFAULT_LIMIT = 100_000
+DEFAULT_STALL_SECONDS = 10.0
 
 
 class Journal:
@@ -42,9 +52,23 @@ class Journal:
     keep listeners quick and free of I/O. One that raises is logged; the writer carries on.
     """
 
-    def __init__(self, engine: AsyncEngine, applier: Applier = apply) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        applier: Applier = apply,
+        *,
+        limit: int = DEFAULT_LIMIT,
+        stall_after: float = DEFAULT_STALL_SECONDS,
+    ) -> None:
         self._engine = engine
         self._apply = applier
+        #: Depth at which :meth:`admit` refuses new work.
+        self.limit = limit
+        #: Seconds after which a commit still running counts as a fault (logged, in
+        #: :meth:`fault`): a database that hangs instead of failing.
+        self.stall_after = stall_after
+        #: How many times :meth:`admit` refused, by what it refused.
+        self.refused: dict[str, int] = {}
         self._pending: list[tuple[Op, Row]] = []
         self._appended = 0
         self._committed = 0
@@ -56,6 +80,7 @@ class Journal:
         self._delay = RETRY_INITIAL_SECONDS
         self.listeners: list[Listener] = []
         self.last_error: StoreUnavailableError | None = None
+        self._commit_started: float | None = None
         self.commits = 0
         self.committed_operations = 0
 
@@ -67,6 +92,43 @@ class Journal:
     @property
     def last_sequence(self) -> int:
         return self._appended
+
+    def is_committed(self, sequence: int) -> bool:
+        """Whether operation ``sequence`` (and every one before it) is committed."""
+        return sequence <= self._committed
+
+    def admit(self, what: str) -> None:
+        """Raise :class:`JournalFullError` naming ``what`` if the journal is at its limit.
+
+        Called before anything new is started, so a refusal changes nothing; counted in
+        :attr:`refused`.
+        """
+        if self.depth < self.limit:
+            return
+        self.refused[what] = self.refused.get(what, 0) + 1
+        cause = f"; last error: {self.last_error}" if self.last_error is not None else ""
+        raise JournalFullError(
+            f"{what} refused: {self.depth} operations are waiting for the store "
+            f"(journal limit {self.limit}){cause}"
+        )
+
+    def fault(self) -> str | None:
+        """Why the store is not keeping up, or None while it is.
+
+        A fault is a commit that failed and is being retried, a full journal, or a commit that
+        has been running for more than :attr:`stall_after` seconds.
+        """
+        if self.last_error is not None:
+            return str(self.last_error)
+        if self.depth >= self.limit:
+            return f"the journal is full: {self.depth} operations wait for the store"
+        started = self._commit_started
+        if started is not None and time.perf_counter() - started > self.stall_after:
+            return (
+                f"a commit of {self.depth} operations has been running for "
+                f"{time.perf_counter() - started:.0f}s"
+            )
+        return None
 
     def start(self) -> None:
         if self._task is None:
@@ -139,11 +201,16 @@ class Journal:
         writer holds no rows.
         """
         batch, self._pending = self._pending, []
-        started = time.perf_counter()
+        started = self._commit_started = time.perf_counter()
+        watchdog = asyncio.get_running_loop().call_later(
+            self.stall_after, self._report_stall, len(batch)
+        )
         try:
             async with self._engine.begin() as connection:
                 await self._apply(connection, batch)
         except Exception as exc:  # never let one failure stop the writer (Cancelled passes)
+            watchdog.cancel()
+            self._commit_started = None
             self._pending = batch + self._pending
             self.last_error = StoreUnavailableError(
                 f"committing {len(batch)} operations failed: {describe(exc)}"
@@ -152,7 +219,16 @@ class Journal:
             await asyncio.sleep(self._delay)
             self._delay = min(self._delay * 2, RETRY_MAX_SECONDS)
             return
+        watchdog.cancel()
+        self._commit_started = None
         self._done(batch, time.perf_counter() - started)
+
+    def _report_stall(self, operations: int) -> None:
+        logger.error(
+            "a commit of %d operations has been running for %gs: the store is not answering",
+            operations,
+            self.stall_after,
+        )
 
     def _done(self, batch: Sequence[tuple[Op, Row]], seconds: float) -> None:
         """Account for a committed batch, wake its waiters and tell the listeners."""
@@ -160,6 +236,8 @@ class Journal:
         if self.last_error is not None:
             logger.warning("store writable again after: %s", self.last_error)
             self.last_error = None
+        elif seconds > self.stall_after:
+            logger.warning("store writable again after a commit of %.1fs", seconds)
         self._committed += len(batch)
         self.commits += 1
         self.committed_operations += len(batch)

@@ -38,7 +38,7 @@ from registry.errors import (
     describe,
 )
 from registry.history import History
-from registry.journal import Journal
+from registry.journal import DEFAULT_LIMIT, DEFAULT_STALL_SECONDS, Journal
 from registry.livemap import DeviceInfoEntry, LiveClient, LiveMap
 from registry.recovery import close_gone_runs, load_state
 from registry.store import models
@@ -101,6 +101,13 @@ class Registry:
     server recognises its earlier run while two servers on one host stay apart. Runs of other
     names are closed (``node_lost``) once their heartbeat is ``node_timeout`` seconds old.
     SQLite has one node: every earlier run that did not stop is taken as gone.
+
+    While the store fails, the journal keeps what the live map did and the writer retries.
+    ``journal_limit`` bounds it: once that many operations wait for the store, registrations
+    and new sessions are refused with :class:`JournalFullError` (nothing changes); ends
+    (disconnects, session ends) are still accepted, so what happened is never dropped. A
+    commit still running after ``stall_timeout`` seconds (a database that hangs instead of
+    failing) is logged and reported by ``journal.fault()`` like a failed one.
     """
 
     def __init__(
@@ -113,6 +120,8 @@ class Registry:
         heartbeat_interval: float = 5.0,
         node_timeout: float = 30.0,
         close_timeout: float | None = 30.0,
+        journal_limit: int = DEFAULT_LIMIT,
+        stall_timeout: float = DEFAULT_STALL_SECONDS,
     ) -> None:
         self._url = parse_url(database_url or DEFAULT_URL)
         try:
@@ -125,10 +134,14 @@ class Registry:
         require_positive("heartbeat_interval", heartbeat_interval)
         require_positive("node_timeout", node_timeout)
         require_positive("close_timeout", close_timeout, allow_none=True)
+        require_positive("journal_limit", journal_limit)
+        require_positive("stall_timeout", stall_timeout)
         self._auto_migrate = is_sqlite(self._url) if auto_migrate is None else auto_migrate
         self._heartbeat_interval = heartbeat_interval
         self._node_timeout = timedelta(seconds=node_timeout)
         self._close_timeout = close_timeout
+        self._journal_limit = journal_limit
+        self._stall_timeout = stall_timeout
         self._live = LiveMap()
         self._engine: AsyncEngine | None = None
         self._journal: Journal | None = None
@@ -187,7 +200,7 @@ class Registry:
             raise
         self._runs += 1
         self._engine = engine
-        self._journal = Journal(engine)
+        self._journal = Journal(engine, limit=self._journal_limit, stall_after=self._stall_timeout)
         self._journal.start()
         self._history = History(engine)
         self._heartbeat_task = asyncio.get_running_loop().create_task(
@@ -232,10 +245,16 @@ class Registry:
             self._live.device_info[device_id] = DeviceInfoEntry(document, digest)
 
     async def _heartbeat(self) -> None:
+        """Beat every ``heartbeat_interval``; while a beat waits for the store (an outage) no
+        other is queued behind it, so an outage does not grow the journal here."""
         journal = self.journal
+        beat = 0
         while True:
             await asyncio.sleep(self._heartbeat_interval)
-            journal.append(Op.NODE_BEAT, {"b_id": self.node_id, "b_at": datetime.now(UTC)})
+            if journal.is_committed(beat):
+                beat = journal.append(
+                    Op.NODE_BEAT, {"b_id": self.node_id, "b_at": datetime.now(UTC)}
+                )
 
     async def close(self) -> None:
         """Close every live connection record (reason ``server_shutdown``), mark active sessions
@@ -367,9 +386,10 @@ class Registry:
     ) -> None:
         """Register a new client connection on this node.
 
-        Raises :class:`InvalidArgumentError` for bad arguments and
-        :class:`DuplicateClientError` when ``client_id`` is live and the policy is ``refuse``;
-        in both cases nothing changes (a refused duplicate is audited).
+        Raises :class:`InvalidArgumentError` for bad arguments,
+        :class:`DuplicateClientError` when ``client_id`` is live and the policy is ``refuse``,
+        and :class:`JournalFullError` when the journal is at its limit; in each case nothing
+        changes (a refused duplicate is audited).
         """
         self._add_client(client_id, platform, websocket, client_type, metadata, remote_address)
 
@@ -405,6 +425,7 @@ class Registry:
         metadata_json = require_document("metadata", {} if metadata is None else metadata)
         remote_address = optional_text("remote_address", remote_address, max_length=MAX_ID_LENGTH)
         journal = self.journal
+        journal.admit("registration")
         now = time.time()
         at = _utc(now)
         existing = self._live.clients.get(client_id)
@@ -762,7 +783,7 @@ class Registry:
         executor_id = require_id("executor_id", executor_id)
         if task_name is not None:
             task_name = require_id("task_name", task_name)
-        self._check_open()
+        self.journal.admit("session")
         if session_id not in self._live.sessions:
             # The session's earlier rows may still be queued: read the owner once they are in.
             await self.journal.flush()
