@@ -10,6 +10,7 @@ import ipaddress
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from registry.journal import DEFAULT_LIMIT
 from registry.store.dialect import DEFAULT_URL
 from registry.types import DuplicatePolicy
 
@@ -52,7 +53,16 @@ class Settings(BaseSettings):
     store_timeout: float = Field(
         default=10.0,
         gt=0,
-        description="Seconds a registration waits for its commit before it is refused (4503).",
+        description="Seconds a registration or task waits for its commit before it is "
+        "refused (4503 or an error frame); a disconnect or session end waits this long and "
+        "then stays journalled until the store is back; a commit running longer counts as a "
+        "store fault.",
+    )
+    journal_limit: int = Field(
+        default=DEFAULT_LIMIT,
+        gt=0,
+        description="Operations waiting for the store at which registrations and new tasks "
+        "are refused at once (4503) instead of queueing more history in memory.",
     )
     ping_interval: float = Field(default=20.0, gt=0)
     ping_timeout: float = Field(default=20.0, gt=0)

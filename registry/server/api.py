@@ -138,17 +138,21 @@ def create_router() -> APIRouter:
     @router.get(
         "/health",
         response_model=None,
-        responses={503: {"description": "``degraded``: the store does not accept writes"}},
+        responses={503: {"description": "``degraded``: the store is not keeping up"}},
     )
     async def health(registry: RegistryDep) -> dict[str, Any] | JSONResponse:
-        """``healthy`` while the store accepts writes; ``degraded`` (503) while it does not."""
-        store_error = registry.journal.last_error
-        if store_error is not None:
+        """``healthy`` while the store keeps up; ``degraded`` (503) while commits fail or stall
+        or the journal is full, with the reason and the journal's depth and limit."""
+        journal = registry.journal
+        fault = journal.fault()
+        if fault is not None:
             return JSONResponse(
                 status_code=503,
                 content={
                     "status": "degraded",
-                    "error": str(store_error),
+                    "error": fault,
+                    "journal_depth": journal.depth,
+                    "journal_limit": journal.limit,
                     "online_clients": _online(registry),
                 },
             )

@@ -73,9 +73,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             auto_migrate=settings.auto_migrate,
             heartbeat_interval=settings.heartbeat_interval,
             node_timeout=settings.node_timeout,
+            journal_limit=settings.journal_limit,
+            stall_timeout=settings.store_timeout,
         )
         await registry.start()
-        sessions = SessionManager(registry, runner, settings.command_timeout)
+        sessions = SessionManager(
+            registry, runner, settings.command_timeout, settings.store_timeout
+        )
         endpoint = Endpoint(settings, registry, sessions)
         endpoint.start()
         app.state.registry = registry

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from registry.audit import AuditKind
@@ -24,7 +24,7 @@ class _LiveCollector(Collector):
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         registry = self._registry
         online = GaugeMetricFamily(
             "registry_online_clients", "Clients connected to this node.", labels=["client_type"]
@@ -44,9 +44,20 @@ class _LiveCollector(Collector):
             "registry_journal_depth", "Operations queued and not yet committed.", journal.depth
         )
         yield GaugeMetricFamily(
+            "registry_journal_limit", "Journal depth at which new work is refused.", journal.limit
+        )
+        refused = CounterMetricFamily(
+            "registry_journal_refused",
+            "Registrations and sessions refused because the journal was full.",
+            labels=["what"],
+        )
+        for what in ("registration", "session"):
+            refused.add_metric([what], journal.refused.get(what, 0))
+        yield refused
+        yield GaugeMetricFamily(
             "registry_store_healthy",
-            "1 while the store accepts writes, 0 while commits fail.",
-            0 if journal.last_error is not None else 1,
+            "1 while the store keeps up; 0 while commits fail or stall or the journal is full.",
+            0 if journal.fault() is not None else 1,
         )
 
 

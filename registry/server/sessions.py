@@ -22,6 +22,7 @@ from typing import Any, Protocol, cast
 
 from registry.errors import RegistryError
 from registry.registry import Registry
+from registry.server.durability import settle
 from registry.server.peer import Peer
 from registry.server.protocol import (
     ClientMessage,
@@ -126,13 +127,22 @@ class _Pending:
 class SessionManager:
     """Runs sessions as tasks, routes ``command_results`` back, and ends sessions exactly once.
 
-    Every session change goes through the registry (durably), so it is persisted and audited.
+    Every session change goes through the registry, so it is persisted and audited; a session's
+    end is announced once it is durable, or after ``store_timeout`` seconds if the store is not
+    keeping up (it stays journalled: the result is not held back by an outage).
     """
 
-    def __init__(self, registry: Registry, runner: SessionRunner, command_timeout: float) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        runner: SessionRunner,
+        command_timeout: float,
+        store_timeout: float,
+    ) -> None:
         self._registry = registry
         self._runner = runner
         self._command_timeout = command_timeout
+        self._store_timeout = store_timeout
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._contexts: dict[str, SessionContext] = {}
         self._pending: dict[str, _Pending] = {}
@@ -215,7 +225,11 @@ class SessionManager:
         *,
         notify_executor: bool,
     ) -> None:
-        await self._registry.end_session(context.session_id, state, outcome.error)
+        await settle(
+            self._registry.end_session(context.session_id, state, outcome.error),
+            self._store_timeout,
+            f"the end of session {context.session_id}",
+        )
         self.results[context.task_name] = {
             "status": outcome.status.value,
             "result": outcome.result,

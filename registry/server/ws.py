@@ -24,11 +24,14 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from registry.errors import (
     DuplicateClientError,
     InvalidArgumentError,
+    JournalFullError,
     RegistryClosedError,
     SessionOwnershipError,
+    StoreUnavailableError,
 )
 from registry.registry import Registry
 from registry.server import closecodes
+from registry.server.durability import settle
 from registry.server.peer import Peer
 from registry.server.protocol import (
     ClientMessage,
@@ -42,10 +45,15 @@ from registry.server.protocol import (
 )
 from registry.server.sessions import SessionManager
 from registry.settings import Settings
-from registry.types import ClientType
+from registry.types import ClientType, SessionState
 
 logger = logging.getLogger(__name__)
 
+#: The error frame of a registration or task refused because the store is not keeping up
+#: (the details, which may name the database, go to the log, not to the client).
+STORE_BEHIND = (
+    "Refused: the server cannot record this now (its store is not keeping up); try again later"
+)
 _UNSAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
 _MESSAGE_TYPES = {kind.value for kind in ClientMessageType}
 
@@ -213,7 +221,11 @@ class Endpoint:
             await self._sessions.owner_left(client_id, owned)
         finally:
             with contextlib.suppress(RegistryClosedError):  # closed: its close drained it all
-                await self._registry.flush()
+                await settle(
+                    self._registry.flush(),
+                    self._settings.store_timeout,
+                    f"the disconnect of {client_id}",
+                )
             logger.info("client %s disconnected (%s, %s)", client_id, code, reason)
 
     async def _receive(self, peer: Peer) -> str | None:
@@ -294,21 +306,35 @@ class Endpoint:
             async with asyncio.timeout(self._settings.store_timeout):
                 await self._registry.flush()
         except TimeoutError:
+            logger.warning(
+                "registration of %s refused: not durable within %gs",
+                client_id,
+                self._settings.store_timeout,
+            )
             if self._registry.get_client(client_id) is peer:
                 self._registry.remove_client(client_id, reason="store_unavailable")
             await peer.send_first(
                 error(
                     "Registration could not be recorded: the store did not commit within "
-                    f"{self._settings.store_timeout:g}s"
+                    f"{self._settings.store_timeout:g}s; try again later"
                 )
             )
             raise _Closed(closecodes.STORE_UNAVAILABLE, "store_unavailable") from None
+        except JournalFullError as exc:
+            logger.warning("client %s: %s", client_id, exc)
+            await peer.send_first(error(STORE_BEHIND))
+            raise _Closed(closecodes.STORE_UNAVAILABLE, "journal_full") from None
         except DuplicateClientError as exc:
             await peer.send_first(error(str(exc)))
             raise _Closed(closecodes.DUPLICATE_CLIENT, "duplicate_client") from None
         except InvalidArgumentError as exc:
             if self._registry.get_client(client_id) is peer:
-                await self._registry.remove_client_durable(client_id, reason="invalid_registration")
+                self._registry.remove_client(client_id, reason="invalid_registration")
+                await settle(
+                    self._registry.flush(),
+                    self._settings.store_timeout,
+                    f"the refused registration of {client_id}",
+                )
             await peer.send_first(error(f"Invalid registration: {exc}"))
             raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration") from None
         return _Connection(peer, client_id, client_type, parsed.target_id)
@@ -432,14 +458,25 @@ class Endpoint:
             await peer.send(error(f"session_id '{session_id}' is already running"))
             return
         try:
-            await self._registry.open_session(
-                session_id, owner_id=requester, executor_id=executor, task_name=task_name
-            )
+            async with asyncio.timeout(self._settings.store_timeout):
+                await self._registry.open_session(
+                    session_id, owner_id=requester, executor_id=executor, task_name=task_name
+                )
         except SessionOwnershipError as exc:
             await peer.send(error(str(exc), session_id=session_id))
             return
         except InvalidArgumentError as exc:
             await peer.send(error(f"Invalid task: {exc}", session_id=session_id))
+            return
+        except (TimeoutError, StoreUnavailableError) as exc:
+            # Refused, not started: a session opened in memory but not durable ends at once.
+            opened = self._registry.get_session(session_id)
+            if opened is not None and opened is not known and opened.state is SessionState.ACTIVE:
+                self._registry.remove_session(
+                    session_id, state=SessionState.FAILED, reason="store_unavailable"
+                )
+            logger.warning("task %s of %s refused: %r", session_id, requester, exc)
+            await peer.send(error(STORE_BEHIND, session_id=session_id))
             return
         await peer.send(ack(session_id=session_id))
         self._sessions.start(
