@@ -4,9 +4,10 @@
 ack-shaped frame: the full server envelope, ``type: heartbeat``, ``status: ok``, a fresh
 ``response_id`` and ``timestamp``. No validation, no registry, no database, no middleware.
 
-It runs under uvicorn with exactly the options ``registry serve`` uses (``registry/cli.py``),
-taken from the same :class:`~registry.settings.Settings`, so both servers get the same WebSocket
-implementation, event loop, frame size limit, ping interval/timeout and log level.
+It is served exactly as ``registry serve`` serves (:mod:`registry.server.listen`: the same
+socket options and uvicorn configuration, from the same :class:`~registry.settings.Settings`),
+so both servers get the same WebSocket implementation, event loop, frame size limit, ping
+interval/timeout and log level.
 
 Run: ``python -m bench.server_bare --port 8765 --log-level warning``.
 """
@@ -22,6 +23,7 @@ from typing import Any
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
+from registry.server import listen
 from registry.settings import Settings
 
 #: The server envelope's fields in wire order (PROTOCOL.md), all null unless set.
@@ -72,29 +74,15 @@ def create_bare_app() -> FastAPI:
     return app
 
 
-def uvicorn_options(settings: Settings, log_level: str) -> dict[str, Any]:
-    """The keyword arguments ``registry serve`` passes to ``uvicorn.run`` (keep in step)."""
-    return {
-        "host": settings.host,
-        "port": settings.port,
-        "ws_max_size": settings.max_frame_bytes,
-        "ws_ping_interval": settings.ping_interval,
-        "ws_ping_timeout": settings.ping_timeout,
-        "log_level": log_level,
-        "proxy_headers": False,
-    }
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve the baseline app on 127.0.0.1 until interrupted."""
-    import uvicorn
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     settings = Settings(host="127.0.0.1", port=args.port)
-    uvicorn.run(create_bare_app(), **uvicorn_options(settings, args.log_level))
+    sock = listen.bind(settings.host, settings.port, settings.send_timeout)
+    listen.run(create_bare_app(), settings, args.log_level, sock)
 
 
 if __name__ == "__main__":

@@ -67,9 +67,7 @@ def main() -> None:
 @click.option("--log-level", default="info", show_default=True)
 def serve(no_auth: bool, allowed_hosts: tuple[str, ...], log_level: str, **options: Any) -> None:
     """Run the WebSocket and HTTP server."""
-    import uvicorn
-
-    from registry.server import create_app
+    from registry.server import create_app, listen
 
     settings = _settings(allowed_hosts=list(allowed_hosts) or None, **options)
     if no_auth:
@@ -82,21 +80,18 @@ def serve(no_auth: bool, allowed_hosts: tuple[str, ...], log_level: str, **optio
         app = create_app(settings)
     except RegistryError as exc:
         raise click.ClickException(str(exc)) from exc
+    try:
+        sock = listen.bind(settings.host, settings.port, settings.send_timeout)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+        ) from exc
     # Thousands of long-lived connection objects make each full collection long (seen: up to
     # 0.9 s with 5,000 clients, stalling every connection): move what is loaded now out of
     # the collector's sight and collect the young generation less often.
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        ws_max_size=settings.max_frame_bytes,
-        ws_ping_interval=settings.ping_interval,
-        ws_ping_timeout=settings.ping_timeout,
-        log_level=log_level,
-        proxy_headers=False,
-    )
+    listen.run(app, settings, log_level, sock)
 
 
 @main.group()

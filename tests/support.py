@@ -33,7 +33,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from registry import History, Registry
-from registry.server import create_app
+from registry.server import create_app, listen
 from registry.server.sessions import SessionManager
 from registry.settings import Settings
 from registry.store.dialect import create_engine
@@ -69,15 +69,13 @@ T = TypeVar("T")
 # -- the server ---------------------------------------------------------------------------------
 
 
-def free_socket() -> socket.socket:
-    """A socket bound to a free loopback port (uvicorn listens on it: no port race).
-
-    ``IPPROTO_TCP`` explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and
-    without it every response waits ~40 ms for a delayed ACK."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((HOST, 0))
-    return sock
+def free_socket(send_timeout: float | None = None) -> socket.socket:
+    """A socket bound to a free loopback port, made as ``registry serve`` makes its own
+    (:func:`registry.server.listen.bind`; ``send_timeout`` defaults to the setting's default);
+    uvicorn listens on it, so there is no port race."""
+    if send_timeout is None:
+        send_timeout = Settings.model_fields["send_timeout"].default
+    return listen.bind(HOST, 0, send_timeout)
 
 
 @dataclass
@@ -130,11 +128,8 @@ async def running_server(
     """Serve ``create_app(Settings(...))`` with uvicorn until the block ends (or ``Server.stop``).
 
     uvicorn listens on ``sock`` (closed at the end), by default a :func:`free_socket`, and gets
-    the options ``registry serve`` passes it (``registry/cli.py``). ``overrides`` are settings;
-    by default ``Settings.port`` is 0 whatever port is served."""
-    if sock is None:
-        sock = free_socket()
-    port = sock.getsockname()[1]
+    the options ``registry serve`` passes it (:mod:`registry.server.listen`). ``overrides``
+    are settings; by default ``Settings.port`` is 0 whatever port is served."""
     options: dict[str, Any] = {
         "database_url": database_url,
         "api_key": API_KEY,
@@ -143,18 +138,12 @@ async def running_server(
         "heartbeat_interval": 0.5,
     }
     settings = Settings(**(options | overrides))
+    if sock is None:
+        sock = free_socket(settings.send_timeout)
+    port = sock.getsockname()[1]
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=HOST,
-        port=port,
-        ws_max_size=settings.max_frame_bytes,
-        ws_ping_interval=settings.ping_interval,
-        ws_ping_timeout=settings.ping_timeout,
-        lifespan="on",
-        log_level="warning",
-        log_config=None,
-        proxy_headers=False,
+    config = listen.uvicorn_config(
+        app, settings, port=port, lifespan="on", log_level="warning", log_config=None
     )
     server = uvicorn.Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="uvicorn")
