@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -20,9 +21,11 @@ logger = logging.getLogger(__name__)
 class Peer:
     """Sends to one WebSocket, one frame at a time.
 
-    A send that waits longer than ``send_timeout`` (a peer that does not read) closes the
-    connection with :data:`~registry.server.closecodes.SLOW_CONSUMER` instead of blocking the
-    sender or buffering without bound.
+    A send that waits longer than ``send_timeout`` (a peer that does not read) gives the peer
+    up as :data:`~registry.server.closecodes.SLOW_CONSUMER` instead of blocking the sender or
+    buffering without bound: no close frame (it would wait behind the unread data), but the
+    connection's handler is cancelled, so the client is removed and its record closed at once;
+    the kernel then drops the TCP connection (:mod:`registry.server.listen`).
 
     The peer is *gated* until its handshake is over: the registry can hand it out as soon as
     the client is registered, but the clients read exactly one frame (the acknowledgement) after
@@ -36,11 +39,19 @@ class Peer:
         self._lock = asyncio.Lock()
         self._gate = asyncio.Event()
         self.closed_by_server: tuple[int, str] | None = None
+        #: Set when the peer was given up as a slow consumer (its handler was cancelled).
+        self.abandoned = False
+        #: The task serving this connection (the one that made the peer), until it finishes.
+        self._handler: asyncio.Task[Any] | None = asyncio.current_task()
         #: Event-loop time of the last frame received (for the idle sweeper and flood control).
         self.last_heard = asyncio.get_running_loop().time()
         #: Frames the peer may still send back to back (flood control's token bucket; the
         #: receive loop fills it up to ``frame_burst`` and spends one token per frame).
         self.frame_allowance = 0.0
+
+    def finished(self) -> None:
+        """The handler is done serving (it is cleaning up): it must not be cancelled now."""
+        self._handler = None
 
     def open_gate(self) -> None:
         """Let every sender through (once the handshake is over, whatever its outcome)."""
@@ -68,14 +79,16 @@ class Peer:
     async def _send_text(self, data: str) -> bool:
         try:
             async with self._lock:
-                if self.websocket.application_state is not WebSocketState.CONNECTED:
+                if (
+                    self.abandoned
+                    or self.websocket.application_state is not WebSocketState.CONNECTED
+                ):
                     return False
                 async with asyncio.timeout(self._send_timeout):
                     await self.websocket.send_text(data)
             return True
         except TimeoutError:
-            logger.warning("closing a peer that has not read for %.0fs", self._send_timeout)
-            await self.close(closecodes.SLOW_CONSUMER, "slow_consumer")
+            self._abandon()
         except (RuntimeError, OSError, WebSocketDisconnect) as exc:  # disconnected underneath us
             # Starlette turns the server's "client disconnected" into WebSocketDisconnect.
             logger.debug("send to a closed peer dropped: %r", exc)
@@ -84,10 +97,24 @@ class Peer:
     async def send(self, message: ServerMessage) -> bool:
         return await self.send_text(message.frame())
 
+    def _abandon(self) -> None:
+        """Give up a peer that has not read for ``send_timeout``: record why and end its
+        handler (which may be the caller: then at its next await)."""
+        if self.abandoned:
+            return
+        logger.warning("giving up a peer that has not read for %gs", self._send_timeout)
+        self.abandoned = True
+        if self.closed_by_server is None:
+            self.closed_by_server = (closecodes.SLOW_CONSUMER, "slow_consumer")
+        if self._handler is not None:
+            self._handler.cancel()
+
     async def close(self, code: int, reason: str) -> None:
         """Close the connection (once) and remember why, for the disconnect record."""
         if self.closed_by_server is None:
             self.closed_by_server = (code, reason)
+        if self.abandoned:
+            return  # a close frame would wait behind what the peer does not read
         if self.websocket.application_state is WebSocketState.CONNECTED:
             try:
                 async with asyncio.timeout(self._send_timeout):

@@ -174,9 +174,12 @@ class Endpoint:
         reason = "closed"
         shutdown = False
         try:
-            connection = await self._handshake(peer)
-            await self._welcome(connection)
-            await self._serve(connection)
+            try:
+                connection = await self._handshake(peer)
+                await self._welcome(connection)
+                await self._serve(connection)
+            finally:
+                peer.finished()  # from here on nothing cancels this task for being slow
         except WebSocketDisconnect as exc:
             code = exc.code
             reason = exc.reason or closecodes.REASONS.get(exc.code, "closed")
@@ -188,6 +191,13 @@ class Endpoint:
             logger.exception("connection handler failed")
             code, reason = closecodes.INTERNAL_ERROR, "internal_error"
             await peer.close(code, reason)
+        except asyncio.CancelledError:
+            if not peer.abandoned:
+                raise
+            # Given up as a slow consumer (Peer): carry on with the cleanup below.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
         finally:
             self._peers.discard(peer)
             peer.open_gate()  # senders waiting for the handshake find the socket closed
