@@ -123,11 +123,9 @@ class Journal:
         if self.depth >= self.limit:
             return f"the journal is full: {self.depth} operations wait for the store"
         started = self._commit_started
-        if started is not None and time.perf_counter() - started > self.stall_after:
-            return (
-                f"a commit of {self.depth} operations has been running for "
-                f"{time.perf_counter() - started:.0f}s"
-            )
+        running = 0.0 if started is None else time.perf_counter() - started
+        if running > self.stall_after:
+            return f"a commit of {self.depth} operations has been running for {running:.0f}s"
         return None
 
     def start(self) -> None:
@@ -205,22 +203,24 @@ class Journal:
         watchdog = asyncio.get_running_loop().call_later(
             self.stall_after, self._report_stall, len(batch)
         )
+        failure: Exception | None = None
         try:
             async with self._engine.begin() as connection:
                 await self._apply(connection, batch)
         except Exception as exc:  # never let one failure stop the writer (Cancelled passes)
+            failure = exc
+        finally:
             watchdog.cancel()
             self._commit_started = None
+        if failure is not None:
             self._pending = batch + self._pending
             self.last_error = StoreUnavailableError(
-                f"committing {len(batch)} operations failed: {describe(exc)}"
+                f"committing {len(batch)} operations failed: {describe(failure)}"
             )
             logger.error("%s; retrying in %.2fs", self.last_error, self._delay)
             await asyncio.sleep(self._delay)
             self._delay = min(self._delay * 2, RETRY_MAX_SECONDS)
             return
-        watchdog.cancel()
-        self._commit_started = None
         self._done(batch, time.perf_counter() - started)
 
     def _report_stall(self, operations: int) -> None:

@@ -77,6 +77,7 @@ REASON_REMOVED = "removed"
 REASON_REPLACED = "replaced"
 REASON_SHUTDOWN = "server_shutdown"
 REASON_UNLINKED = "unlinked"
+REASON_NOT_DURABLE = "store_unavailable"
 
 #: The reference's name for the client argument of each session map's methods.
 _ROLE_ARGUMENT = {LinkRole.CONSTELLATION: "constellation_id", LinkRole.DEVICE: "device_id"}
@@ -245,16 +246,19 @@ class Registry:
             self._live.device_info[device_id] = DeviceInfoEntry(document, digest)
 
     async def _heartbeat(self) -> None:
-        """Beat every ``heartbeat_interval``; while a beat waits for the store (an outage) no
-        other is queued behind it, so an outage does not grow the journal here."""
+        """Beat every ``heartbeat_interval``. While a beat waits for the store (an outage) no
+        other is queued behind it: its time is brought up to date instead, so an outage does
+        not grow the journal here and the beat written when the store is back is fresh."""
         journal = self.journal
-        beat = 0
+        sequence, row = 0, {"b_id": self.node_id, "b_at": datetime.now(UTC)}
         while True:
             await asyncio.sleep(self._heartbeat_interval)
-            if journal.is_committed(beat):
-                beat = journal.append(
-                    Op.NODE_BEAT, {"b_id": self.node_id, "b_at": datetime.now(UTC)}
-                )
+            now = datetime.now(UTC)
+            if journal.is_committed(sequence):
+                row = {"b_id": self.node_id, "b_at": now}
+                sequence = journal.append(Op.NODE_BEAT, row)
+            else:
+                row["b_at"] = now  # still queued (the writer reads rows as it builds a commit)
 
     async def close(self) -> None:
         """Close every live connection record (reason ``server_shutdown``), mark active sessions
@@ -806,7 +810,14 @@ class Registry:
         if owner_id != executor_id:
             sequence = self._bind(LinkRole.CONSTELLATION, owner_id, session_id) or sequence
         sequence = self._bind(LinkRole.DEVICE, executor_id, session_id) or sequence
-        await self.journal.wait(sequence)
+        try:
+            await self.journal.wait(sequence)
+        except BaseException:
+            # Not durable in time (the caller timed out or was cancelled): the session will
+            # not run, so it ends here, unless it has been taken over meanwhile.
+            if self._live.sessions.get(session_id) is session:
+                self._end(session_id, SessionState.FAILED, REASON_NOT_DURABLE)
+            raise
         return session
 
     async def end_session(

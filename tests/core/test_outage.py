@@ -1,22 +1,28 @@
-"""The journal limit: at ``journal_limit`` operations waiting for the store, registrations and new
+"""The registry while its store is behind or down.
+
+The journal limit: at ``journal_limit`` operations waiting for the store, registrations and new
 sessions are refused with :class:`JournalFullError` and nothing changes; ends (disconnects,
 session ends) are still accepted; once the journal drains, everything accepted is in the
-database and nothing refused is.
+database and nothing refused is. The sync reference API queues without awaiting, so the writer
+cannot run between calls: the journal fills deterministically, with no fault to inject.
 
-The sync reference API queues without awaiting, so the writer cannot run between calls: the
-journal fills deterministically, with no fault to inject (the store faults themselves are in
-``tests/reliability/test_store_faults.py``)."""
+With SQLite's write lock held by another connection (``SqliteLocked``, as in the server's
+fault tests, ``tests/reliability/test_store_faults.py``): node beats do not pile up, and a
+session whose opening is not durable in time is ended, not left active."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from registry import ClientType, InvalidArgumentError, JournalFullError, Registry, StoreError
-from tests.support import sql
+from registry.store import models
+from tests.reliability.store_faults import SqliteLocked, prepared
+from tests.support import sql, until
 
 
 async def _fill(registry: Registry) -> list[str]:
@@ -80,14 +86,56 @@ async def test_journal_limit_must_be_positive(database_url: str) -> None:
 async def test_node_beats_do_not_pile_up_while_the_store_is_locked(tmp_path: Path) -> None:
     """While a commit waits on the store, the node's heartbeat queues one beat, not one per
     interval: an outage grows the journal only by what clients do."""
-    path = tmp_path / "registry.db"
-    async with Registry(f"sqlite+aiosqlite:///{path}", heartbeat_interval=0.02) as registry:
-        holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    locked = SqliteLocked(tmp_path)
+    async with Registry(locked.url, heartbeat_interval=0.02) as registry:
         try:
-            await asyncio.to_thread(holder.execute, "BEGIN EXCLUSIVE")
+            await locked.inject()
             await asyncio.sleep(0.5)  # some 25 intervals, while the writer waits on the lock
             assert registry.journal.depth == 1
         finally:
-            holder.execute("ROLLBACK")
-            holder.close()
+            await locked.clear()
         await registry.flush()
+
+
+@pytest.mark.postgres
+async def test_the_beat_written_after_an_outage_is_fresh(tmp_path: Path) -> None:
+    """The one beat queued during an outage keeps its time current, so the beat written when
+    the store is back says when the node was last alive, not when the outage began."""
+    async with prepared("postgresql-read-only", tmp_path) as read_only:
+        registry = Registry(read_only.url, heartbeat_interval=0.05, auto_migrate=True)
+        async with registry:
+            try:
+                await read_only.inject()
+                await until(lambda: registry.journal.last_error is not None)
+                failing_since = datetime.now(UTC)
+                await asyncio.sleep(0.3)
+            finally:
+                await read_only.clear()
+            await until(lambda: registry.journal.last_error is None and not registry.journal.depth)
+            async with registry.engine.connect() as connection:
+                query = select(models.nodes.c.heartbeat_at)
+                beat = (await connection.execute(query)).scalar_one()
+            assert beat > failing_since
+
+
+async def test_a_session_not_durable_in_time_ends_failed(tmp_path: Path) -> None:
+    """``open_session`` cancelled (here by a timeout) while its commit waits on a locked
+    store: the session does not stay active in memory or in the database, it ends ``failed``
+    with reason ``store_unavailable``."""
+    locked = SqliteLocked(tmp_path)
+    async with Registry(locked.url) as registry:
+        registry.add_client("d1", "linux", object(), ClientType.DEVICE)
+        registry.add_device_session("d1", "s1")  # live already: opening it skips the store
+        await registry.flush()
+        try:
+            await locked.inject()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await registry.open_session("s1", owner_id="d1", executor_id="d1")
+            assert registry.get_session("s1") is None
+            assert registry.get_device_sessions("d1") == set()
+        finally:
+            await locked.clear()
+        await registry.flush()
+        rows = await sql(locked.url, "SELECT state, end_reason FROM sessions")
+        assert [tuple(row) for row in rows] == [("failed", "store_unavailable")]
