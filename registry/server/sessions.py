@@ -117,6 +117,16 @@ class RelayRunner:
         return SessionOutcome(TaskStatus.FAILED, error=SERVER_RESTARTED)
 
 
+@dataclass(frozen=True, slots=True)
+class _Ending:
+    """A session to end: how, in which state, and whether its executor hears of it too."""
+
+    context: SessionContext
+    outcome: SessionOutcome
+    state: SessionState
+    notify_executor: bool
+
+
 @dataclass(slots=True)
 class _Pending:
     session_id: str
@@ -215,46 +225,50 @@ class SessionManager:
             if outcome.status is TaskStatus.COMPLETED
             else SessionState.FAILED
         )
-        await self._end(context, outcome, state, notify_executor=notify_executor)
+        await self._end([_Ending(context, outcome, state, notify_executor)])
 
-    async def _end(
-        self,
-        context: SessionContext,
-        outcome: SessionOutcome,
-        state: SessionState,
-        *,
-        notify_executor: bool,
-    ) -> None:
-        await settle(
-            self._registry.end_session(context.session_id, state, outcome.error),
-            self._store_timeout,
-            f"the end of session {context.session_id}",
-        )
-        self.results[context.task_name] = {
-            "status": outcome.status.value,
-            "result": outcome.result,
-            "error": outcome.error,
-            "session_id": context.session_id,
-        }
-        self.results.move_to_end(context.task_name)
+    async def _end(self, endings: list[_Ending]) -> None:
+        """Record every end, wait (at most ``store_timeout``) for them all to be durable at
+        once, then tell each owner (and executor, if asked)."""
+        if not endings:
+            return
+        for ending in endings:
+            context, outcome = ending.context, ending.outcome
+            self._registry.remove_session(
+                context.session_id, state=ending.state, reason=outcome.error
+            )
+            self.results[context.task_name] = {
+                "status": outcome.status.value,
+                "result": outcome.result,
+                "error": outcome.error,
+                "session_id": context.session_id,
+            }
+            self.results.move_to_end(context.task_name)
         while len(self.results) > TASK_RESULTS_KEPT:
             self.results.popitem(last=False)
-        message = ServerMessage(
-            type=ServerMessageType.TASK_END,
-            status=outcome.status,
-            session_id=context.session_id,
-            task_name=context.task_name,
-            result=outcome.result,
-            error=outcome.error,
-            response_id=str(uuid.uuid4()),
+        await settle(
+            self._registry.flush(),
+            self._store_timeout,
+            f"the end of session(s) {', '.join(e.context.session_id for e in endings)}",
         )
-        recipients = [context.owner_id]
-        if notify_executor:
-            recipients.append(context.executor_id)
-        for client_id in recipients:
-            peer = self._peer(client_id)
-            if peer is not None:
-                await peer.send(message)
+        for ending in endings:
+            context, outcome = ending.context, ending.outcome
+            message = ServerMessage(
+                type=ServerMessageType.TASK_END,
+                status=outcome.status,
+                session_id=context.session_id,
+                task_name=context.task_name,
+                result=outcome.result,
+                error=outcome.error,
+                response_id=str(uuid.uuid4()),
+            )
+            recipients = [context.owner_id]
+            if ending.notify_executor:
+                recipients.append(context.executor_id)
+            for client_id in recipients:
+                peer = self._peer(client_id)
+                if peer is not None:
+                    await peer.send(message)
 
     async def command(
         self, context: SessionContext, actions: list[Command], result_timeout: float | None
@@ -303,23 +317,24 @@ class SessionManager:
         pending.future.set_result(list(message.action_results or []))
         return True
 
-    async def _abort(
-        self,
-        session_id: str,
-        outcome: SessionOutcome,
-        state: SessionState,
-        *,
-        notify_executor: bool,
-    ) -> None:
-        context = self._claim(session_id)
-        if context is None:
-            return
-        task = self._tasks.pop(session_id, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._end(context, outcome, state, notify_executor=notify_executor)
+    async def _abort(self, endings: list[_Ending]) -> None:
+        """End running sessions from outside their tasks: claim each (one that has ended
+        already is skipped), cancel its task, then end them all together."""
+        claimed: list[_Ending] = []
+        for ending in endings:
+            session_id = ending.context.session_id
+            # The same context, not just the same id: an await below may let one end and a
+            # new session of that id start.
+            if self._contexts.get(session_id) is not ending.context:
+                continue
+            self._claim(session_id)
+            task = self._tasks.pop(session_id, None)
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            claimed.append(ending)
+        await self._end(claimed)
 
     def executing(self, device_id: str) -> list[str]:
         """The running sessions ``device_id`` executes."""
@@ -337,29 +352,35 @@ class SessionManager:
     async def executor_left(self, device_id: str, session_ids: Iterable[str] | None = None) -> None:
         """Fail every session ``device_id`` was executing (or those of ``session_ids``); tell
         each requester."""
-        for session_id in self.executing(device_id) if session_ids is None else session_ids:
-            context = self._contexts.get(session_id)
-            if context is not None and context.executor_id == device_id:
-                await self._abort(
-                    session_id,
-                    SessionOutcome(TaskStatus.FAILED, error=DEVICE_DISCONNECTED),
-                    SessionState.FAILED,
-                    notify_executor=False,
+        outcome = SessionOutcome(TaskStatus.FAILED, error=DEVICE_DISCONNECTED)
+        await self._abort(
+            [
+                _Ending(context, outcome, SessionState.FAILED, notify_executor=False)
+                for session_id in (
+                    self.executing(device_id) if session_ids is None else session_ids
                 )
+                if (context := self._contexts.get(session_id)) is not None
+                and context.executor_id == device_id
+            ]
+        )
 
     async def owner_left(self, owner_id: str, session_ids: Iterable[str] | None = None) -> None:
         """Cancel every session ``owner_id`` requested (or those of ``session_ids``); tell the
         executing devices."""
-        for session_id in self.owned(owner_id) if session_ids is None else session_ids:
-            context = self._contexts.get(session_id)
-            if context is None or context.owner_id != owner_id:
-                continue  # ended meanwhile
-            await self._abort(
-                session_id,
-                SessionOutcome(TaskStatus.FAILED, error=REQUESTER_DISCONNECTED),
-                SessionState.CANCELLED,
-                notify_executor=context.from_constellation,
-            )
+        outcome = SessionOutcome(TaskStatus.FAILED, error=REQUESTER_DISCONNECTED)
+        await self._abort(
+            [
+                _Ending(
+                    context,
+                    outcome,
+                    SessionState.CANCELLED,
+                    notify_executor=context.from_constellation,
+                )
+                for session_id in (self.owned(owner_id) if session_ids is None else session_ids)
+                if (context := self._contexts.get(session_id)) is not None
+                and context.owner_id == owner_id  # else ended meanwhile
+            ]
+        )
 
     async def resume_interrupted(self, owner_id: str) -> None:
         """Hand each session of ``owner_id`` that a restart interrupted to the runner, each in
