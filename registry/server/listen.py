@@ -1,4 +1,5 @@
-"""How ``registry serve`` listens: its socket and its uvicorn configuration, in one place.
+"""How ``registry serve`` listens: its socket and its uvicorn configuration, in one place. An
+application that serves ``create_app`` with uvicorn itself should listen on :func:`bind` too.
 
 The socket is made here rather than by uvicorn so that every accepted connection inherits
 ``TCP_USER_TIMEOUT`` (Linux): the kernel drops a connection whose sent data has gone
@@ -17,7 +18,9 @@ import uvicorn
 from registry.settings import Settings
 
 #: Unacknowledged data is given this many ``send_timeout`` periods before the kernel drops the
-#: connection: the server's own slow-consumer close (4410, after one) comes first.
+#: connection, so that the server's own slow-consumer verdict (4410, after one) normally comes
+#: first; a peer that stops reading while the server has little to send it may be dropped by
+#: the kernel first, and is then recorded as ``connection_lost``.
 UNACKNOWLEDGED_SEND_TIMEOUTS = 2
 
 

@@ -99,18 +99,21 @@ class Peer:
 
     def _abandon(self) -> None:
         """Give up a peer that has not read for ``send_timeout``: record why and end its
-        handler (which may be the caller: then at its next await)."""
+        handler (cancelled, or, if it is the caller, at its next read)."""
         if self.abandoned:
             return
         logger.warning("giving up a peer that has not read for %gs", self._send_timeout)
         self.abandoned = True
         if self.closed_by_server is None:
             self.closed_by_server = (closecodes.SLOW_CONSUMER, "slow_consumer")
-        if self._handler is not None:
-            self._handler.cancel()
+        handler = self._handler
+        if handler is not None and handler is not asyncio.current_task():
+            handler.cancel()  # the handler itself finds ``abandoned`` before it next reads
 
     async def close(self, code: int, reason: str) -> None:
-        """Close the connection (once) and remember why, for the disconnect record."""
+        """Close the connection (once) and remember why, for the disconnect record. A close
+        frame the peer does not take within ``send_timeout`` gives the peer up (as a send
+        does), keeping this reason."""
         if self.closed_by_server is None:
             self.closed_by_server = (code, reason)
         if self.abandoned:
@@ -119,5 +122,7 @@ class Peer:
             try:
                 async with asyncio.timeout(self._send_timeout):
                     await self.websocket.close(code=code, reason=reason)
-            except (TimeoutError, RuntimeError, OSError, WebSocketDisconnect) as exc:
+            except TimeoutError:
+                self._abandon()  # the close frame is stuck behind unread data
+            except (RuntimeError, OSError, WebSocketDisconnect) as exc:
                 logger.debug("close of a closed peer ignored: %r", exc)

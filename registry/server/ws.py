@@ -45,7 +45,7 @@ from registry.server.protocol import (
 )
 from registry.server.sessions import SessionManager
 from registry.settings import Settings
-from registry.types import ClientType, SessionState
+from registry.types import ClientType
 
 logger = logging.getLogger(__name__)
 
@@ -192,12 +192,11 @@ class Endpoint:
             code, reason = closecodes.INTERNAL_ERROR, "internal_error"
             await peer.close(code, reason)
         except asyncio.CancelledError:
-            if not peer.abandoned:
-                raise
-            # Given up as a slow consumer (Peer): carry on with the cleanup below.
+            # Given up as a slow consumer (Peer cancelled this task): clean up below. Any
+            # other cancellation (or one more besides) goes on.
             task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
+            if not peer.abandoned or task is None or task.uncancel() > 0:
+                raise
         finally:
             self._peers.discard(peer)
             peer.open_gate()  # senders waiting for the handshake find the socket closed
@@ -245,6 +244,8 @@ class Endpoint:
         Flood control: a token bucket per connection, refilled at ``max_frames_per_second``
         up to ``frame_burst`` and charged one token per frame; a frame that finds it empty
         closes the connection with 4429 ``rate_limited``."""
+        if peer.abandoned:  # given up by a send of this very task (Peer): do not wait on
+            raise _Closed(closecodes.SLOW_CONSUMER, "slow_consumer")
         message = await peer.websocket.receive()
         now = asyncio.get_running_loop().time()
         allowance = peer.frame_allowance + (now - peer.last_heard) * self._frame_rate
@@ -323,12 +324,7 @@ class Endpoint:
             )
             if self._registry.get_client(client_id) is peer:
                 self._registry.remove_client(client_id, reason="store_unavailable")
-            await peer.send_first(
-                error(
-                    "Registration could not be recorded: the store did not commit within "
-                    f"{self._settings.store_timeout:g}s; try again later"
-                )
-            )
+            await peer.send_first(error(STORE_BEHIND))
             raise _Closed(closecodes.STORE_UNAVAILABLE, "store_unavailable") from None
         except JournalFullError as exc:
             logger.warning("client %s: %s", client_id, exc)
@@ -479,12 +475,7 @@ class Endpoint:
             await peer.send(error(f"Invalid task: {exc}", session_id=session_id))
             return
         except (TimeoutError, StoreUnavailableError) as exc:
-            # Refused, not started: a session opened in memory but not durable ends at once.
-            opened = self._registry.get_session(session_id)
-            if opened is not None and opened is not known and opened.state is SessionState.ACTIVE:
-                self._registry.remove_session(
-                    session_id, state=SessionState.FAILED, reason="store_unavailable"
-                )
+            # Refused, not started (open_session has ended a session it could not record).
             logger.warning("task %s of %s refused: %r", session_id, requester, exc)
             await peer.send(error(STORE_BEHIND, session_id=session_id))
             return
