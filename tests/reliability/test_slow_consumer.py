@@ -347,6 +347,8 @@ async def test_stuck_client_is_closed_with_4410(
     code and reason, the server's end of the TCP connection is dropped while the client still
     reads nothing (instead of staying open for as long as the client keeps it), the client
     then finds it reset, and the id is free again for a well-behaved reconnect."""
+    client_port = stuck.sock.getsockname()[1]
+    assert _server_side_open(server.port, client_port)  # the probe sees the connection
     started = time.monotonic()
     flood = await _flood(server, stuck.client_id)
     print(flood.describe())
@@ -368,8 +370,6 @@ async def test_stuck_client_is_closed_with_4410(
     ), record
     assert not server.registry.is_online(stuck.client_id)
 
-    client_port = stuck.sock.getsockname()[1]
-    assert _server_side_open(server.port, client_port)  # the probe sees the connection
     await until(lambda: not _server_side_open(server.port, client_port), wait=KERNEL_DROP)
     print(f"server end dropped {time.monotonic() - started:.2f}s after the first dispatch")
     drained, close = await stuck.drain()

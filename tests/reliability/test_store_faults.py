@@ -205,7 +205,7 @@ async def test_server_rides_out_a_store_fault(
     stored = await sql(server.database_url, "SELECT session_id, state FROM sessions")
     sessions = {row[0]: row[1] for row in stored}
     assert sessions[running] == "completed"
-    assert sessions.get("s-refused") in (None, "failed"), sessions
+    assert "s-refused" not in sessions, sessions  # refused before it was opened
     await later.close()
     # The figures of the README's reliability section (shown with pytest -s).
     print(
@@ -213,6 +213,35 @@ async def test_server_rides_out_a_store_fault(
         f"after {degraded_after:.1f}s, registration refused in {took:.1f}s, {depth} operations "
         f"journalled, healthy {healthy_after:.1f}s after the fault cleared, all written"
     )
+
+
+@pytest.mark.parametrize("fault", ["sqlite-locked"], indirect=True)
+async def test_the_sessions_a_disconnect_ends_wait_for_the_store_together(
+    broken: Fault, server: Server, clients: Clients
+) -> None:
+    """A device running several sessions leaves during a fault: every owner hears of its
+    session's end after one ``store_timeout`` wait for all of them, not one wait each."""
+    sessions = 4
+    device = await clients.device("dev-a")
+    constellation = await clients.constellation("con", target_id="dev-a")
+    for number in range(sessions):
+        await constellation.task(f"s-{number}", f"job-{number}", target_id="dev-a")
+        await device.recv_type("command")
+    await broken.inject()
+
+    started = time.monotonic()
+    await device.close()
+    ends = [await constellation.recv_type("task_end") for _ in range(sessions)]
+    took = time.monotonic() - started
+    assert sorted(end["session_id"] for end in ends) == [f"s-{n}" for n in range(sessions)]
+    assert {end["status"] for end in ends} == {"failed"}, ends
+    assert took < STORE_TIMEOUT * (sessions - 1), f"{took:.1f}s for {sessions} session ends"
+
+    await broken.clear()
+    await eventually(lambda: _health(server), lambda answer: answer[0] == 200, wait=RECOVERY)
+    await server.registry.flush()
+    rows = await sql(server.database_url, "SELECT state FROM sessions")
+    assert sorted(row[0] for row in rows) == ["failed"] * sessions
 
 
 @pytest.mark.parametrize(
@@ -237,6 +266,7 @@ class TestJournalLimit:
     ) -> None:
         device = await clients.device("dev-a")
         leaving = await clients.device("dev-b")
+        constellation = await clients.constellation("con", target_id="dev-a")
         await broken.inject()
         await leaving.close()
 
@@ -259,7 +289,18 @@ class TestJournalLimit:
         async with server.http() as http:
             metrics = (await http.get("/metrics")).text
         assert 'registry_journal_refused_total{what="registration"} 1.0' in metrics
+        assert 'registry_journal_refused_total{what="session"} 0.0' in metrics
         await device.heartbeat_ok()  # live clients are still served
+        # A task is refused at once too, and nothing of it is queued.
+        depth = server.registry.journal.depth
+        started = time.monotonic()
+        await constellation.send_as(
+            "task", target_id="dev-a", session_id="s-full", task_name="t", request="r"
+        )
+        assert_error(await constellation.recv_type("error"), STORE_BEHIND)
+        assert time.monotonic() - started < STORE_TIMEOUT / 2
+        assert server.registry.journal.depth == depth
+        await device.nothing()
 
         await broken.clear()
         await eventually(lambda: _health(server), lambda answer: answer[0] == 200, wait=RECOVERY)
@@ -270,13 +311,15 @@ class TestJournalLimit:
         )
         assert sorted(tuple(row) for row in rows) == sorted(
             [
+                ("con", None),
                 ("dev-a", None),
                 ("dev-b", "client_closed"),
                 *((client_id, "store_unavailable") for client_id in timed_out),
             ]
         )
-        # The attempt refused at once left no record: nothing was accepted for it.
+        # What was refused at once left no record: nothing was accepted for it.
         assert refused_at_once not in {row[0] for row in rows}
+        assert await sql(server.database_url, "SELECT * FROM sessions") == []
         print(
             f"\njournal limit {self.LIMIT}: {len(timed_out)} registrations refused after "
             f"store_timeout, then one at once, in {took * 1000:.0f} ms; depth "
