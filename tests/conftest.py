@@ -15,45 +15,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import make_url, text
+from sqlalchemy import make_url
 
 from registry import Registry
-from registry.store.dialect import create_engine
-from registry.store.models import Base
-from registry.store.schema import ensure_schema
-
-POSTGRES_ADMIN_URL = os.environ.get(
-    "REGISTRY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-)
-REQUIRE_POSTGRES = os.environ.get("REGISTRY_TEST_REQUIRE_POSTGRES") == "1"
-
-
-async def _admin(statement: str) -> None:
-    engine = create_engine(POSTGRES_ADMIN_URL)
-    try:
-        async with engine.connect() as connection:
-            await connection.execution_options(isolation_level="AUTOCOMMIT")
-            await connection.execute(text(statement))
-    finally:
-        await engine.dispose()
-
-
-async def _migrate(url: str) -> None:
-    engine = create_engine(url)
-    try:
-        await ensure_schema(engine, auto_migrate=True)
-    finally:
-        await engine.dispose()
-
-
-async def _truncate(url: str) -> None:
-    engine = create_engine(url)
-    try:
-        async with engine.begin() as connection:
-            names = ", ".join(table.name for table in Base.metadata.sorted_tables)
-            await connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-    finally:
-        await engine.dispose()
+from tests.databases import POSTGRES_ADMIN_URL, REQUIRE_POSTGRES, admin, empty, migrate
 
 
 @pytest.fixture(scope="session")
@@ -61,16 +26,16 @@ def postgres_url() -> Iterator[str]:
     """A migrated PostgreSQL database of this test run's own."""
     name = f"registry_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     try:
-        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+        asyncio.run(admin(POSTGRES_ADMIN_URL, f'CREATE DATABASE "{name}"'))
     except Exception as exc:
         reason = f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}: {exc}"
         if REQUIRE_POSTGRES:
             pytest.fail(reason)
         pytest.skip(reason)
     url = make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    asyncio.run(_migrate(url))
+    asyncio.run(migrate(url))
     yield url
-    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    asyncio.run(admin(POSTGRES_ADMIN_URL, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -80,7 +45,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}"
     url: str = request.getfixturevalue("postgres_url")
-    asyncio.run(_truncate(url))
+    asyncio.run(empty(url))
     return url
 
 

@@ -35,7 +35,7 @@ from registry import (
 from registry.audit import AuditKind
 from registry.store.dialect import create_engine
 from registry.types import AuditEvent, LinkRole
-from tests.conftest import POSTGRES_ADMIN_URL
+from tests.databases import POSTGRES_ADMIN_URL, admin
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -899,19 +899,8 @@ def _unblock(url: str, blocked: str) -> None:
 
 def _pg_admin(url: str, statement: str) -> None:
     """Run ``statement`` on the server's admin database (the one conftest creates from)."""
-    admin = POSTGRES_ADMIN_URL
-
-    async def run() -> None:
-        engine = create_engine(admin)
-        try:
-            async with engine.connect() as connection:
-                await connection.execution_options(isolation_level="AUTOCOMMIT")
-                await connection.execute(text(statement))
-        finally:
-            await engine.dispose()
-
     with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, run()).result()
+        pool.submit(asyncio.run, admin(POSTGRES_ADMIN_URL, statement)).result()
 
 
 async def test_mutations_on_a_registry_not_started_raise(database_url: str) -> None:

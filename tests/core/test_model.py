@@ -20,13 +20,13 @@ from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, make_url, select, text
+from sqlalchemy import func, make_url, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from registry import ClientType, DuplicateClientError, Registry
 from registry.store import models
 from registry.store.dialect import create_engine
-from registry.store.schema import ensure_schema
+from tests.databases import empty, migrate
 
 CLIENT_IDS = ("a", "b", "c", "d")
 SESSION_IDS = ("s1", "s2", "s3")
@@ -533,24 +533,6 @@ REGRESSIONS: list[list[Op]] = [
 # -- the test ---------------------------------------------------------------------------------
 
 
-async def _empty_postgres(url: str) -> None:
-    engine = create_engine(url)
-    try:
-        async with engine.begin() as connection:
-            names = ", ".join(table.name for table in models.Base.metadata.sorted_tables)
-            await connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-    finally:
-        await engine.dispose()
-
-
-async def _migrate(url: str) -> None:
-    engine = create_engine(url)
-    try:
-        await ensure_schema(engine, auto_migrate=True)
-    finally:
-        await engine.dispose()
-
-
 async def _run_example(url: str, ops: list[Op]) -> None:
     engine = create_engine(url)
     reg = Registry(url, heartbeat_interval=60.0)
@@ -574,11 +556,11 @@ def test_random_operations_match_reference_model_and_database(
     counter = itertools.count()
     if is_sqlite:
         template = tmp_path / "template.db"
-        asyncio.run(_migrate(f"sqlite+aiosqlite:///{template}"))
+        asyncio.run(migrate(f"sqlite+aiosqlite:///{template}"))
 
     def fresh_database() -> str:
         if not is_sqlite:
-            asyncio.run(_empty_postgres(database_url))
+            asyncio.run(empty(database_url))
             return database_url
         path = tmp_path / f"example-{next(counter)}.db"
         shutil.copyfile(template, path)

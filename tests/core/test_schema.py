@@ -20,14 +20,16 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
-from sqlalchemy import insert, inspect, make_url, select, text
+from sqlalchemy import insert, inspect, make_url, select
 from sqlalchemy.exc import StatementError
 
 from registry import ClientType, Registry, RegistryClosedError, SchemaError, SessionState
 from registry.store import models
 from registry.store.dialect import create_engine
 from registry.store.models import Base, UTCDateTime
-from registry.store.schema import HEAD, alembic_config, ensure_schema
+from registry.store.schema import HEAD, alembic_config
+from tests.databases import admin, migrate
+from tests.support import sql
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TABLES = {table.name for table in Base.metadata.sorted_tables}
@@ -35,20 +37,6 @@ TABLES = {table.name for table in Base.metadata.sorted_tables}
 
 def run(coroutine: Any) -> Any:
     return asyncio.run(coroutine)
-
-
-async def _execute(url: str, statement: str, *, autocommit: bool = False) -> list[tuple[Any, ...]]:
-    engine = create_engine(url)
-    try:
-        async with engine.connect() as connection:
-            if autocommit:
-                await connection.execution_options(isolation_level="AUTOCOMMIT")
-            result = await connection.execute(text(statement))
-            rows = [tuple(row) for row in result.all()] if result.returns_rows else []
-            await connection.commit()
-            return rows
-    finally:
-        await engine.dispose()
 
 
 async def _tables(url: str) -> set[str]:
@@ -63,14 +51,6 @@ async def _tables(url: str) -> set[str]:
         await engine.dispose()
 
 
-async def _migrate(url: str) -> None:
-    engine = create_engine(url)
-    try:
-        await ensure_schema(engine, auto_migrate=True)
-    finally:
-        await engine.dispose()
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A database with nothing in it: a new SQLite file, or a throwaway PostgreSQL database
@@ -80,11 +60,11 @@ def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
         return
     shared: str = request.getfixturevalue("postgres_url")
     name = f"registry_schema_{uuid.uuid4().hex[:10]}"
-    run(_execute(shared, f'CREATE DATABASE "{name}"', autocommit=True))
+    run(admin(shared, f'CREATE DATABASE "{name}"'))
     try:
         yield make_url(shared).set(database=name).render_as_string(hide_password=False)
     finally:
-        run(_execute(shared, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', autocommit=True))
+        run(admin(shared, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 # -- models and migrations agree ----------------------------------------------------------------
@@ -97,7 +77,7 @@ def test_head_constant_is_the_scripts_head() -> None:
 
 
 def test_models_match_migrations(database_url: str) -> None:
-    run(_migrate(database_url))  # the SQLite file is new; PostgreSQL is migrated already
+    run(migrate(database_url))  # the SQLite file is new; PostgreSQL is migrated already
     command.check(alembic_config(database_url))  # raises if autogenerate would emit anything
 
 
@@ -108,7 +88,7 @@ def test_downgrade_to_base_and_upgrade_again(empty_database_url: str) -> None:
     command.check(config)
     command.downgrade(config, "base")
     assert run(_tables(empty_database_url)) & TABLES == set()
-    assert run(_execute(empty_database_url, "SELECT version_num FROM alembic_version")) == []
+    assert run(sql(empty_database_url, "SELECT version_num FROM alembic_version")) == []
     command.upgrade(config, "head")
     assert run(_tables(empty_database_url)) >= TABLES
     command.check(config)
@@ -138,7 +118,7 @@ def test_alembic_cli_upgrade_head(tmp_path: Path) -> None:
         check=False,
     )
     assert completed.returncode == 0, completed.stderr
-    assert run(_execute(url, "SELECT version_num FROM alembic_version")) == [(HEAD,)]
+    assert run(sql(url, "SELECT version_num FROM alembic_version")) == [(HEAD,)]
     assert run(_tables(url)) >= TABLES
     current = subprocess.run(
         [sys.executable, "-m", "alembic", "current"],
@@ -160,7 +140,7 @@ def test_alembic_cli_upgrade_head(tmp_path: Path) -> None:
 async def test_unknown_revision_is_refused(database_url: str) -> None:
     async with Registry(database_url, auto_migrate=True):
         pass  # migrated (a no-op on PostgreSQL)
-    await _execute(database_url, "UPDATE alembic_version SET version_num = 'ffff9999'")
+    await sql(database_url, "UPDATE alembic_version SET version_num = 'ffff9999'")
     try:
         for auto_migrate in (False, True):
             reg = Registry(database_url, auto_migrate=auto_migrate)
@@ -169,11 +149,11 @@ async def test_unknown_revision_is_refused(database_url: str) -> None:
             assert "unknown" in str(caught.value)
             with pytest.raises(RegistryClosedError):
                 reg.add_client("d1", "linux", object(), ClientType.DEVICE)
-        rows = await _execute(database_url, "SELECT version_num FROM alembic_version")
+        rows = await sql(database_url, "SELECT version_num FROM alembic_version")
         assert rows == [("ffff9999",)]  # not "fixed" behind the operator's back
-        assert await _execute(database_url, "SELECT count(*) FROM nodes") == [(1,)]
+        assert await sql(database_url, "SELECT count(*) FROM nodes") == [(1,)]
     finally:
-        await _execute(database_url, f"UPDATE alembic_version SET version_num = '{HEAD}'")
+        await sql(database_url, f"UPDATE alembic_version SET version_num = '{HEAD}'")
 
 
 async def test_empty_database_without_auto_migrate_is_refused(empty_database_url: str) -> None:
@@ -191,9 +171,7 @@ async def test_empty_database_without_auto_migrate_is_refused(empty_database_url
     async with default:
         pass
     assert await _tables(empty_database_url) >= TABLES
-    assert await _execute(empty_database_url, "SELECT version_num FROM alembic_version") == [
-        (HEAD,)
-    ]
+    assert await sql(empty_database_url, "SELECT version_num FROM alembic_version") == [(HEAD,)]
 
 
 # -- timestamps --------------------------------------------------------------------------------
@@ -248,7 +226,7 @@ def test_utc_datetime_refuses_naive_values() -> None:
 
 
 async def test_naive_datetimes_never_reach_the_database(database_url: str) -> None:
-    await _migrate(database_url)
+    await migrate(database_url)
     row = {
         "node_id": str(uuid.uuid4()),
         "name": "n",

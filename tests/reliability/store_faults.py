@@ -30,10 +30,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import make_url, text
+from sqlalchemy import make_url
 
-from registry.store.dialect import create_engine
-from tests.conftest import POSTGRES_ADMIN_URL, REQUIRE_POSTGRES
+from tests.databases import POSTGRES_ADMIN_URL, REQUIRE_POSTGRES, admin
 from tests.support import free_port
 
 
@@ -59,18 +58,6 @@ class Fault(ABC):
 
     @abstractmethod
     async def _mend(self) -> None: ...
-
-
-async def admin(url: str, *statements: str) -> None:
-    """Run ``statements`` outside a transaction on ``url`` (for CREATE/ALTER DATABASE)."""
-    engine = create_engine(url)
-    try:
-        async with engine.connect() as connection:
-            await connection.execution_options(isolation_level="AUTOCOMMIT")
-            for statement in statements:
-                await connection.execute(text(statement))
-    finally:
-        await engine.dispose()
 
 
 def _unavailable(reason: str) -> None:
