@@ -32,7 +32,7 @@ from sqlalchemy import text
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from registry import History, Registry
+from registry import ConnectionRecord, History, Registry
 from registry.server import create_app, listen
 from registry.server.sessions import SessionManager
 from registry.settings import Settings
@@ -368,6 +368,18 @@ async def store(database_url: str) -> AsyncIterator[History]:
         yield History(engine)
     finally:
         await engine.dispose()
+
+
+async def closed_record(server: Server, client_id: str) -> ConnectionRecord:
+    """The client's only connection row, once it is closed (the server's journal flushed)."""
+
+    async def rows() -> list[ConnectionRecord]:
+        await server.registry.flush()
+        async with store(server.database_url) as history:
+            return (await history.connections(client_id)).items
+
+    items = await eventually(rows, lambda items: len(items) == 1 and bool(items[0].disconnected_at))
+    return items[0]
 
 
 async def sql(database_url: str, statement: str, **params: Any) -> list[Any]:

@@ -15,24 +15,11 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
-from registry import ConnectionRecord
 from registry.server import closecodes
 from registry.settings import Settings
-from tests.support import WAIT, Clients, Server, eventually, store
+from tests.support import WAIT, Clients, Server, closed_record
 
 HEARTBEAT = json.dumps({"type": "heartbeat", "status": "ok"})
-
-
-async def _closed_record(server: Server, client_id: str) -> ConnectionRecord:
-    """The client's (only) connection row, once it is closed."""
-
-    async def rows() -> list[ConnectionRecord]:
-        await server.registry.flush()
-        async with store(server.database_url) as history:
-            return (await history.connections(client_id)).items
-
-    items = await eventually(rows, lambda items: len(items) == 1 and bool(items[0].disconnected_at))
-    return items[0]
 
 
 @dataclass
@@ -102,7 +89,7 @@ async def test_flooding_client_is_closed_and_others_keep_being_served(
     assert during, "no heartbeat round trip during the flood"
     assert max(during) < 2.0, during
 
-    record = await _closed_record(server, "dev-flood")
+    record = await closed_record(server, "dev-flood")
     assert (record.close_code, record.close_reason) == (4429, "rate_limited")
     # The well-behaved client is untouched: still online, still answered.
     assert server.registry.is_online("dev-good")
@@ -121,7 +108,7 @@ async def test_every_kind_of_frame_counts(server: Server, frame: str | bytes) ->
     outcome = await asyncio.to_thread(_flood, server.ws_url(), "dev-f", frame)
     assert (outcome.code, outcome.reason) == (4429, "rate_limited")
     assert outcome.sent > server.settings.frame_burst
-    record = await _closed_record(server, "dev-f")
+    record = await closed_record(server, "dev-f")
     assert (record.close_code, record.close_reason) == (4429, "rate_limited")
 
 
@@ -162,7 +149,7 @@ class TestTightLimits:
             with contextlib.suppress(ConnectionClosed):
                 await device.ws.send(HEARTBEAT)
         assert await device.closed() == (4429, "rate_limited")
-        record = await _closed_record(server, "dev-burst")
+        record = await closed_record(server, "dev-burst")
         assert (record.close_code, record.close_reason) == (4429, "rate_limited")
         # The id is free again at once: a well-behaved reconnect is accepted.
         again = await clients.device("dev-burst")

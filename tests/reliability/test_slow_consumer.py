@@ -33,7 +33,6 @@ from websockets.http11 import Response
 from websockets.protocol import Event, State
 from websockets.uri import parse_uri
 
-from registry import ConnectionRecord
 from registry.server import closecodes, listen
 from tests.support import (
     API_KEY,
@@ -42,6 +41,7 @@ from tests.support import (
     Client,
     Clients,
     Server,
+    closed_record,
     eventually,
     store,
     until,
@@ -309,18 +309,6 @@ async def _online(server: Server) -> list[str]:
     return online
 
 
-async def _closed_record(server: Server, client_id: str) -> ConnectionRecord:
-    """The client's (only) connection row, once it is closed."""
-
-    async def rows() -> list[ConnectionRecord]:
-        await server.registry.flush()
-        async with store(server.database_url) as history:
-            return (await history.connections(client_id)).items
-
-    items = await eventually(rows, lambda items: len(items) == 1 and bool(items[0].disconnected_at))
-    return items[0]
-
-
 def _server_side_open(server_port: int, client_port: int) -> bool:
     """Whether this host still has the server's end of the TCP connection from
     ``client_port`` to ``server_port`` (``/proc/net/tcp``: ports in hex, IPv4)."""
@@ -363,7 +351,7 @@ async def test_stuck_client_is_closed_with_4410(
         ) from exc
     print(f"gone from /api/clients {time.monotonic() - started:.2f}s after the first dispatch")
 
-    record = await _closed_record(server, stuck.client_id)
+    record = await closed_record(server, stuck.client_id)
     assert (record.close_code, record.close_reason) == (
         closecodes.SLOW_CONSUMER,
         "slow_consumer",
