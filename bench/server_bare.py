@@ -24,25 +24,11 @@ from typing import Any
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from registry.server import listen
+from registry.server.protocol import ServerMessage
 from registry.settings import Settings
 
-#: The server envelope's fields in wire order (PROTOCOL.md), all null unless set.
-ENVELOPE_FIELDS = (
-    "type",
-    "status",
-    "user_request",
-    "agent_name",
-    "process_name",
-    "root_name",
-    "actions",
-    "messages",
-    "error",
-    "session_id",
-    "task_name",
-    "timestamp",
-    "response_id",
-    "result",
-)
+#: The server envelope's fields in wire order (the registry's own model), all null unless set.
+ENVELOPE_FIELDS = tuple(ServerMessage.model_fields)
 
 
 def ack_frame() -> str:
