@@ -10,24 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+
+from registry.registry import Registry
 
 logger = logging.getLogger(__name__)
 
 
-async def settle(durable: Awaitable[None], seconds: float, what: str) -> bool:
-    """Await ``durable`` for at most ``seconds``; True if it finished in time.
+async def settle(registry: Registry, seconds: float, what: str) -> None:
+    """Wait at most ``seconds`` for everything ``registry`` has journalled to be durable.
 
-    On timeout it logs that ``what`` stays journalled and returns False; other errors pass.
+    On timeout it logs that ``what`` stays journalled and returns; other errors pass.
     """
     try:
         async with asyncio.timeout(seconds):
-            await durable
+            await registry.flush()
     except TimeoutError:
         logger.warning(
             "%s not durable after %gs: the store is not keeping up; it stays journalled",
             what,
             seconds,
         )
-        return False
-    return True

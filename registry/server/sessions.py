@@ -247,7 +247,7 @@ class SessionManager:
         while len(self.results) > TASK_RESULTS_KEPT:
             self.results.popitem(last=False)
         await settle(
-            self._registry.flush(),
+            self._registry,
             self._store_timeout,
             f"the end of session(s) {', '.join(e.context.session_id for e in endings)}",
         )

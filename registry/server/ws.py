@@ -231,7 +231,7 @@ class Endpoint:
         finally:
             with contextlib.suppress(RegistryClosedError):  # closed: its close drained it all
                 await settle(
-                    self._registry.flush(),
+                    self._registry,
                     self._settings.store_timeout,
                     f"the disconnect of {client_id}",
                 )
@@ -337,7 +337,7 @@ class Endpoint:
             if self._registry.get_client(client_id) is peer:
                 self._registry.remove_client(client_id, reason="invalid_registration")
                 await settle(
-                    self._registry.flush(),
+                    self._registry,
                     self._settings.store_timeout,
                     f"the refused registration of {client_id}",
                 )
