@@ -446,7 +446,13 @@ class Serve:
     None serves with ``--no-auth``. Always reap it with :meth:`stop`."""
 
     def __init__(
-        self, database_url: str, port: int, log: Path, *, api_key: str | None = API_KEY
+        self,
+        database_url: str,
+        port: int,
+        log: Path,
+        *,
+        api_key: str | None = API_KEY,
+        log_level: str = "warning",
     ) -> None:
         self.port = port
         self._api_key = api_key
@@ -467,7 +473,7 @@ class Serve:
                 database_url,
                 *auth,
                 "--log-level",
-                "warning",
+                log_level,
             ],
             cwd=ROOT,
             env=env,
