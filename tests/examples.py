@@ -32,7 +32,7 @@ from tests.support import Client, Clients
 ROOT = Path(__file__).resolve().parents[1]
 
 _MARKER = re.compile(r"<!--\s*(?P<family>example|frame):\s*(?P<text>.*?)\s*-->")
-_FENCE = re.compile(r"```(?P<lang>[\w+-]*)\s*$")
+_FENCE = re.compile(r"(?P<indent> *)```(?P<lang>[\w+-]*)\s*$")
 _FRAME = re.compile(r"(?P<name>[\w.-]+) (?:(?P<action>sends|receives)|closed (?P<code>\d+))")
 #: Languages run as Python or as shell lines; other blocks (sql, json, text) are not examples.
 LANGUAGES = {"python": "python", "py": "python", "sh": "sh", "bash": "sh", "shell": "sh"}
@@ -89,8 +89,9 @@ def checkout_files() -> list[Path]:
 def blocks(path: Path) -> list[Block | Frame]:
     """The fenced blocks of ``path`` in order, and the bodiless ``frame: NAME closed`` steps.
 
-    A marker applies to the fence on the next non-blank line; a marker that no fence follows is
-    only allowed for ``closed`` (any other is an error, as is an unclosed fence)."""
+    A fence may be indented (in a list item). A marker applies to the fence on the next
+    non-blank line; a marker that no fence follows is only allowed for ``closed`` (any other is
+    an error, as is an unclosed fence)."""
     lines = path.read_text(encoding="utf-8").splitlines()
     found: list[Block | Frame] = []
     marker: tuple[str, str, int] | None = None
@@ -100,10 +101,11 @@ def blocks(path: Path) -> list[Block | Frame]:
         where = f"{path.name}:{index + 1}"
         fence = _FENCE.match(line)
         if fence:
-            end = next((i for i in range(index + 1, len(lines)) if lines[i] == "```"), None)
+            end = next((i for i in range(index + 1, len(lines)) if lines[i].strip() == "```"), None)
             if end is None:
                 raise AssertionError(f"{where}: fence not closed")
-            body = "\n".join(lines[index + 1 : end]) + "\n"
+            indent = len(fence["indent"])  # a block in a list item is indented as a whole
+            body = "\n".join(text[indent:] for text in lines[index + 1 : end]) + "\n"
             family, text = (marker[0], marker[1]) if marker else (None, None)
             found.append(Block(where, fence["lang"], body, family, text))
             marker, index = None, end + 1
@@ -276,3 +278,6 @@ class ScreenshotRunner:
 
     async def resume(self, context: SessionContext) -> SessionOutcome:
         return SessionOutcome(TaskStatus.FAILED, error="server restarted")
+
+
+SCREENSHOT_RUNNER = f"{__name__}:{ScreenshotRunner.__name__}"

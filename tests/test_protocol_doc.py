@@ -11,7 +11,7 @@ import pytest
 
 from registry.server import closecodes
 from registry.server.protocol import ClientMessage, ServerMessage
-from tests.examples import ROOT, Conversation, checkout_files, conversation
+from tests.examples import ROOT, SCREENSHOT_RUNNER, Conversation, checkout_files, conversation
 from tests.support import SERVER_FIELDS, Clients, running_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -38,7 +38,7 @@ def test_every_frame_fits_its_envelope() -> None:
 async def test_the_conversation_runs_as_printed(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'registry.db'}"
     async with (
-        running_server(url, runner="tests.examples:ScreenshotRunner") as server,
+        running_server(url, runner=SCREENSHOT_RUNNER) as server,
         aclosing(Clients(server)) as clients,
     ):
         await Conversation(clients).play(conversation(PROTOCOL))

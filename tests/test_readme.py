@@ -3,7 +3,8 @@ block is marked when it runs otherwise; the SQL recipes run in tests/operator/te
 
 - Python blocks run as scripts in an empty directory; a ``runner`` block is served by a real
   server, where a constellation's task must complete on a device.
-- Shell blocks run line by line with ``bash`` in a directory whose ``registry.db`` a real
+- Shell blocks run line by line, each line in a ``bash`` of its own (``set -o pipefail``; a
+  variable set on one line is not seen by the next), in a directory whose ``registry.db`` a real
   server has filled (a device ``dev-1``, a constellation ``const-1``, a completed session
   ``report@1``), with the checkout's ``registry`` first on ``PATH``. Each line must exit 0, or
   the code its comment gives (``# ... exits 1``).
@@ -37,9 +38,9 @@ import pytest
 
 from tests.examples import (
     ROOT,
+    SCREENSHOT_RUNNER,
     Conversation,
     Example,
-    ScreenshotRunner,
     checkout_files,
     conversation,
     examples,
@@ -180,9 +181,8 @@ async def test_runner_example(
 
 async def seed(database_url: str) -> None:
     """Fill the database through a real server: ``dev-1``, ``const-1`` and one session."""
-    runner = f"{ScreenshotRunner.__module__}:{ScreenshotRunner.__name__}"
     async with (
-        running_server(database_url, runner=runner) as server,
+        running_server(database_url, runner=SCREENSHOT_RUNNER) as server,
         aclosing(Clients(server)) as clients,
     ):
         device = await clients.device("dev-1", system_info={"os": "Windows 11"})
@@ -210,9 +210,7 @@ def tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:]
 
 
-async def serving(
-    line: str, cwd: Path, wait: float, log: Path
-) -> tuple[subprocess.Popen[bytes], int]:
+async def serving(line: str, cwd: Path, wait: float, log: Path) -> subprocess.Popen[bytes]:
     """Start a ``registry serve`` line in a process group of its own; return once
     ``/api/health`` answers 200 (failing if the line exits or ``wait`` seconds pass)."""
     port = free_port()
@@ -226,7 +224,7 @@ async def serving(
                 raise AssertionError(f"{line!r} exited {process.returncode}:\n{tail(log)}")
             with contextlib.suppress(httpx.TransportError):
                 if (await http.get("/api/health")).status_code == 200:
-                    return process, port
+                    return process
             if time.monotonic() > deadline:
                 await interrupt(process)
                 raise AssertionError(f"{line!r} did not answer /api/health within {wait:g}s")
@@ -257,7 +255,7 @@ async def run_lines(
         for line in command_lines(example.block.body):
             if _SERVES.search(line):
                 assert server is None, f"{example.block.where}: two serving lines"
-                server, _port = await serving(line, cwd, SERVE_WAIT[example.kind], log)
+                server = await serving(line, cwd, SERVE_WAIT[example.kind], log)
                 if while_serving is not None:
                     await while_serving(server)
                 continue
