@@ -45,7 +45,7 @@ WAIT = 10.0
 #: How long a test waits to be confident a frame that must not come does not.
 QUIET = 0.2
 
-#: Every field of a server frame, in wire order (PROTOCOL.md).
+#: Every field of a server frame, in wire order (docs/protocol.md).
 SERVER_FIELDS = [
     "type",
     "status",

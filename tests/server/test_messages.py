@@ -1,4 +1,4 @@
-"""PROTOCOL.md "After registration": every message flow, frame by frame, with its exact texts."""
+"""docs/protocol.md, "After registration": every message flow, frame by frame, exact texts."""
 
 from __future__ import annotations
 
