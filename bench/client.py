@@ -18,7 +18,7 @@ import resource
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import TracebackType
@@ -102,6 +102,21 @@ async def open_websocket(
 
 
 # -- the worker's side -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Errors:
+    """How many errors a worker met, and the texts of the first few distinct ones (a run can
+    meet thousands of the same)."""
+
+    keep: int
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+
+    def add(self, text: str) -> None:
+        self.count += 1
+        if len(self.first) < self.keep and text not in self.first:
+            self.first.append(text)
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,7 +66,7 @@ from bench.load_client import (
     split_clients,
     work,
 )
-from bench.server import percentile
+from bench.report import ms, percentile, progress_printer, table
 from bench.server_procs import (
     MeasuredServer,
     machine_busy_seconds,
@@ -142,8 +142,7 @@ class Config:
 QUICK = Config(devices=300, constellations=10, minutes=1.0)
 
 
-def progress(text: str) -> None:
-    print(f"[bench.load {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+progress = progress_printer("bench.load")
 
 
 # -- the server ----------------------------------------------------------------------------
@@ -705,22 +704,16 @@ def execute(config: Config) -> Run:
 # -- the report ----------------------------------------------------------------------------
 
 
-def ms(values: Sequence[float], fraction: float) -> str:
-    return "n/a" if not values else f"{percentile(values, fraction) * 1000:.1f} ms"
+def quantile_ms(values: Sequence[float], fraction: float) -> str:
+    return "n/a" if not values else ms(percentile(values, fraction))
 
 
 def p50_p99(values: Sequence[float]) -> str:
-    return f"{ms(values, 0.50)} / {ms(values, 0.99)} (n={len(values):,})"
+    return f"{quantile_ms(values, 0.50)} / {quantile_ms(values, 0.99)} (n={len(values):,})"
 
 
 def rate(count: float, seconds: float) -> str:
     return "n/a" if seconds <= 0 else f"{count / seconds:,.1f}/s"
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def merged(finals: Iterable[Final], get: Callable[[Final], Sequence[float]]) -> list[float]:
@@ -888,12 +881,13 @@ def report(run: Run) -> str:
         ),
         (
             "GET /metrics duration p50 / p99 / max, steady (probe of the server loop)",
-            f"{ms(scrapes, 0.5)} / {ms(scrapes, 0.99)} / {max(scrapes, default=0) * 1000:.0f} ms"
+            f"{quantile_ms(scrapes, 0.5)} / {quantile_ms(scrapes, 0.99)} / "
+            f"{max(scrapes, default=0) * 1000:.0f} ms"
             f" ({monitor.scrape_failures if monitor else 0} failed)",
         ),
         (
             "client event-loop lag p99 / max, steady (50 ms ticks)",
-            f"{ms(lags, 0.99)} / {max(lags, default=0) * 1000:.0f} ms",
+            f"{quantile_ms(lags, 0.99)} / {max(lags, default=0) * 1000:.0f} ms",
         ),
         (
             "full GC pauses, steady: client processes (after gc.freeze) / server",

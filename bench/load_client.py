@@ -42,7 +42,7 @@ from typing import Any, Literal
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from bench.client import CLOSE, heartbeat_frame, is_ack, open_websocket, register_frame
+from bench.client import CLOSE, Errors, heartbeat_frame, is_ack, open_websocket, register_frame
 
 Role = Literal["device", "constellation"]
 Phase = Literal["ramp", "steady", "drain", "close"]
@@ -532,11 +532,10 @@ class Worker:
         self.server_closes: Counter[int] = Counter()
         self.commands = self.command_results = self.device_task_ends = 0
         self.churn_clean = self.churn_abrupt = 0
-        self.errors: list[str] = []
+        self.errors = Errors(MAX_ERRORS)
         self.loop_lag: list[float] = []
         self.gc_pauses: list[float] = []
         self._gc_started = 0.0
-        self.error_count = 0
         self.clients: dict[str, Client] = {}
         for device_id in job.devices:
             self.clients[device_id] = Client(self, device_id, "device", None)
@@ -545,9 +544,7 @@ class Worker:
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
 
     def error(self, text: str) -> None:
-        self.error_count += 1
-        if len(self.errors) < MAX_ERRORS and text not in self.errors:
-            self.errors.append(text)
+        self.errors.add(text)
 
     async def pause(self, seconds: float) -> None:
         """Sleep, but wake up when the run is stopping."""
@@ -711,8 +708,8 @@ class Worker:
             churn_clean=self.churn_clean,
             churn_abrupt=self.churn_abrupt,
             server_closes=self.server_closes,
-            errors=[*self.errors, f"({self.error_count} client errors in all)"]
-            if self.error_count
+            errors=[*self.errors.first, f"({self.errors.count} client errors in all)"]
+            if self.errors.count
             else [],
             cpu_seconds=time.process_time(),
             loop_lag=self.loop_lag,

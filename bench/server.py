@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +40,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from bench.client import CLOSE, raise_fd_limit
+from bench.report import percentile, progress_printer
 from bench.server_client import ClientJob, Measured, Ready, client_group
 from bench.server_procs import (
     ConnectionRows,
@@ -88,8 +88,7 @@ QUICK = Config(
 )
 
 
-def progress(text: str) -> None:
-    print(f"[bench.server] {text}", file=sys.stderr, flush=True)
+progress = progress_printer("bench.server")
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -100,13 +99,6 @@ def split(total: int, parts: int) -> list[int]:
 
 def sleep_until(wall_clock: float) -> None:
     time.sleep(max(0.0, wall_clock - time.time()))
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 @contextmanager

@@ -26,7 +26,15 @@ from typing import Any, Literal
 
 from websockets.asyncio.client import ClientConnection
 
-from bench.client import CLOSE, Workers, heartbeat_frame, is_ack, open_websocket, register_frame
+from bench.client import (
+    CLOSE,
+    Errors,
+    Workers,
+    heartbeat_frame,
+    is_ack,
+    open_websocket,
+    register_frame,
+)
 
 Kind = Literal["handshake", "heartbeat", "idle"]
 
@@ -81,19 +89,15 @@ class Closed:
 @dataclass(slots=True)
 class _Tally:
     operations: int = 0
-    failed: int = 0
     latencies: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: Errors = field(default_factory=lambda: Errors(MAX_ERRORS))
 
     def success(self, seconds: float) -> None:
         self.operations += 1
         self.latencies.append(seconds)
 
     def failure(self, exc: BaseException) -> None:
-        self.failed += 1
-        text = f"{type(exc).__name__}: {exc}"
-        if len(self.errors) < MAX_ERRORS and text not in self.errors:
-            self.errors.append(text)
+        self.errors.add(f"{type(exc).__name__}: {exc}")
 
 
 # -- frames --------------------------------------------------------------------------------
@@ -231,7 +235,8 @@ async def measure(job: ClientJob, held: Sequence[ClientConnection], start_at: fl
         cpu_seconds = time.process_time() - cpu_started
 
     await asyncio.gather(window(), *loops)
-    return Measured(tally.operations, tally.failed, tally.latencies, cpu_seconds, tally.errors)
+    errors = tally.errors
+    return Measured(tally.operations, errors.count, tally.latencies, cpu_seconds, errors.first)
 
 
 # -- the worker process --------------------------------------------------------------------
@@ -256,7 +261,7 @@ async def work(job: ClientJob, pipe: Connection, outbox: Connection) -> None:
     tally = _Tally()
     if job.kind != "handshake":
         held, tally = await open_many(job)
-    outbox.send(Ready(len(held), tally.failed, started, time.time(), tally.errors))
+    outbox.send(Ready(len(held), tally.errors.count, started, time.time(), tally.errors.first))
     if job.kind != "idle":
         start_at = float(await receive(pipe))
         outbox.send(await measure(job, held, start_at))
