@@ -110,7 +110,7 @@ def test_api_conforms_to_its_schema(
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
     @given(case=operation.as_strategy(mode))
-    def check(case: schemathesis.Case) -> None:
+    def check(case: schemathesis.Case[Any]) -> None:
         case.call_and_validate(headers=HEADERS, checks=CHECKS)
 
     check()
