@@ -15,8 +15,9 @@ The contract every backend keeps (the Redis one in :mod:`registry.cluster.redis_
   the bus carries notices and questions between live nodes; the durable record is the
   database's.
 - **Order.** Events from one sender reach their handler in the order they were sent, one at a
-  time. Each request is handled in a task of its own, so a slow request does not hold up
-  other traffic (and a handler may itself make requests).
+  time (events wait in memory for their turn: keep event handlers quick). Each request is
+  handled in a task of its own, so a slow request does not hold up other traffic (and a
+  handler may itself make requests).
 - **Answers or errors, never a hang.** :meth:`Bus.request` returns the handler's answer, or
   raises :class:`~registry.errors.BusTimeoutError` once its timeout has passed (the receiver
   cancels the handler then too), :class:`RemoteError` if the handler raised or there is none

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from typing import Any, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
@@ -34,6 +35,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from registry.cluster.bus import DEFAULT_REQUEST_TIMEOUT, Handler, RemoteError
 from registry.cluster.message import Message, RecentIds, decode, encode, new_id
@@ -210,8 +212,8 @@ class RedisBus:
         timeout: float = DEFAULT_REQUEST_TIMEOUT,  # noqa: ASYNC109 (sent along: see Bus.request)
     ) -> Any:
         channel = self._node_channel(require_id("node_id", node_id))
-        if not timeout > 0:
-            raise InvalidArgumentError("timeout", "must be positive")
+        if not 0 < timeout < math.inf:
+            raise InvalidArgumentError("timeout", "must be a positive number of seconds")
         message = Message(
             new_id(), self._node_id, "request", require_id("kind", kind), payload, timeout
         )
@@ -264,8 +266,12 @@ class RedisBus:
                     reply = await pubsub.get_message(timeout=self._timeout)
                     if reply is not None and reply["type"] == "subscribe":
                         channels.discard(reply["channel"].decode())
-        except BaseException:
+        except BaseException as exc:
             await _close(pubsub)
+            if isinstance(exc, TimeoutError):  # asyncio.timeout's, which says nothing
+                raise RedisTimeoutError(
+                    f"the subscription was not confirmed within {self._timeout:g}s"
+                ) from None
             raise
         return pubsub
 
@@ -280,7 +286,8 @@ class RedisBus:
                 await _close(pubsub)
                 # The pool's idle connections went the same way: a publish must not find one
                 # after a restarted Redis is back (redis-py would notice only by failing).
-                await self._redis.connection_pool.disconnect(inuse_connections=False)
+                with contextlib.suppress(RedisError, OSError):
+                    await self._redis.connection_pool.disconnect(inuse_connections=False)
                 pubsub = await self._resubscribe()
         finally:
             await _close(pubsub)
@@ -322,7 +329,7 @@ class RedisBus:
             await asyncio.sleep(delay)
             try:
                 pubsub = await self._subscribe()
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # whatever it is, the listener must keep trying
                 self._error = describe(exc)
                 delay = min(delay * 2, RECONNECT_MAX_SECONDS)
                 continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import subprocess
 import sys
@@ -323,8 +324,9 @@ async def test_bad_arguments_are_refused_and_nothing_is_sent(
         await a.send("b", "")
     with pytest.raises(InvalidArgumentError, match=r"^node_id: must not be empty"):
         await a.request("", "note")
-    with pytest.raises(InvalidArgumentError, match=r"^timeout: must be positive"):
-        await a.request("b", "note", timeout=0)
+    for timeout in (0, -1, math.inf, math.nan):
+        with pytest.raises(InvalidArgumentError, match=r"^timeout: must be a positive number"):
+            await a.request("b", "note", timeout=timeout)
     with pytest.raises(InvalidArgumentError, match=r"^kind: 'note' has a handler already"):
         b.on("note", Inbox())
     await settled(a, "b", inbox)
