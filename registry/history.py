@@ -152,12 +152,12 @@ class History:
             next_cursor=encode_cursor(*key(rows[-1])) if more else None,
         )
 
-    async def session_owner(self, session_id: str) -> str | None:
-        """The stored owner of a session id, or None if it was never seen."""
+    async def session_status(self, session_id: str) -> tuple[str | None, SessionState] | None:
+        """The stored owner and state of a session id, or None if it was never seen."""
         _text("session_id", session_id)
         s = models.sessions.c
-        rows = await self._rows(select(s.owner_id).where(s.session_id == session_id))
-        return rows[0][0] if rows else None
+        rows = await self._rows(select(s.owner_id, s.state).where(s.session_id == session_id))
+        return (rows[0][0], SessionState(rows[0][1])) if rows else None
 
     async def connections(
         self,
