@@ -61,7 +61,7 @@ async def test_the_owner_cannot_reopen_a_finished_session(
     with pytest.raises(SessionFinishedError) as caught:
         await registry.open_session("run", owner_id="c1", executor_id="d2", task_name="second")
     assert (caught.value.session_id, caught.value.state) == ("run", state)
-    assert "'run'" in str(caught.value) and state in str(caught.value)
+    assert f"'run' has already ended ({state})" in str(caught.value)
 
     # Nothing changed: not in memory, not in the maps, not in the store, not in the audit trail.
     await registry.flush()
