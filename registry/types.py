@@ -170,7 +170,10 @@ class Statistics:
 @dataclass(frozen=True, slots=True)
 class ClientSummary:
     """What is known of one client id: its last registration, first/last seen, how many
-    connections it made, and whether one is open now (on any node, or on this one)."""
+    connections it made, and whether one is open now (on any node, or on this one).
+
+    ``last_seen`` is the time of the answer while the client is online, else when its last
+    connection closed."""
 
     client_id: str
     client_type: str
@@ -194,6 +197,7 @@ class ClientSummary:
             platform=info.platform,
             metadata=info.metadata,
             online=True,
+            last_seen=datetime.now(UTC),
             connected_at=datetime.fromtimestamp(info.connect_time, UTC),
             on_this_node=True,
         )
