@@ -90,3 +90,48 @@ async def test_another_client_learns_only_that_the_id_is_not_its_own(
     await _ask(other, "mine")
     frame = await other.recv_type("error")
     assert_error(frame, "session_id 'run@1' is owned by another client")
+
+
+def _gauge(metrics: str, state: str) -> float:
+    (line,) = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith(f'registry_sessions{{state="{state}"}} ')
+    ]
+    return float(line.split()[1])
+
+
+async def _metrics(server: Server) -> str:
+    async with server.http() as http:
+        return (await http.get("/metrics")).text
+
+
+async def test_the_interrupted_gauge_counts_sessions_until_their_owner_ends_them(
+    db_url: str,
+) -> None:
+    """``registry_sessions{state="interrupted"}`` agrees with the API: a session interrupted
+    by a server stop is counted (and found by get_interrupted_sessions) until its owner is back
+    and the runner ends it, then it is not."""
+    async with running_server(db_url) as server:
+        clients = Clients(server)
+        device = await clients.device("dev-int")
+        await device.send_as("task", session_id="int@1", task_name="job", request="x")
+        await device.recv_type("command")  # running, never answered
+        # Leaving the block stops the server with the session active.
+    await clients.aclose()
+
+    async with running_server(db_url) as server:
+        assert _gauge(await _metrics(server), "interrupted") == 1.0
+        assert [s.session_id for s in server.registry.get_interrupted_sessions("dev-int")] == [
+            "int@1"
+        ]
+        clients = Clients(server)
+        try:
+            device = await clients.device("dev-int")
+            end = await device.recv_type("task_end")
+            assert (end["session_id"], end["status"]) == ("int@1", "failed")
+            assert _gauge(await _metrics(server), "interrupted") == 0.0
+            assert server.registry.get_interrupted_sessions("dev-int") == []
+            assert server.registry.get_session("int@1") is None
+        finally:
+            await clients.aclose()
