@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from registry.cluster import Bus, Message, bus_from_url
 from registry.errors import describe
 from tests.server_process import HOST, ServerProcess, free_port
+from tests.support import until
 
 REDIS_URL = os.environ.get("REGISTRY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_REDIS = os.environ.get("REGISTRY_TEST_REQUIRE_REDIS") == "1"
@@ -85,6 +86,21 @@ async def raw(redis_url: str) -> AsyncIterator[Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+#: Seconds within which a failure that must be fast is (a busy machine included): far below
+#: any TCP or request timeout.
+FAST = 1.0
+
+
+async def settled(sender: Bus, receiver: str, inbox: Inbox) -> None:
+    """Return once everything ``sender`` sent ``receiver`` before has been handled: events from
+    one sender are handled in order, so a marker sent last is handled last."""
+    count = len(inbox.messages)
+    await sender.send(receiver, "note", "marker")
+    await until(lambda: len(inbox.messages) > count)
+    assert inbox.payloads[-1] == "marker"
+    inbox.messages.pop()
 
 
 class Inbox:

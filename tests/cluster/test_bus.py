@@ -28,23 +28,9 @@ from registry.errors import (
     InvalidArgumentError,
     SessionOwnershipError,
 )
-from tests.cluster.conftest import Connect, Inbox, RedisServer
+from tests.cluster.conftest import FAST, Connect, Inbox, RedisServer, settled
 from tests.server_process import HOST, ROOT, free_port
 from tests.support import QUIET, WAIT, until
-
-#: Seconds within which a failure that must be fast is (a busy machine included): far below
-#: any TCP or request timeout.
-FAST = 1.0
-
-
-async def settled(sender: Bus, receiver: str, inbox: Inbox) -> None:
-    """Return once everything ``sender`` sent ``receiver`` before has been handled: events from
-    one sender are handled in order, so a marker sent last is handled last."""
-    count = len(inbox.messages)
-    await sender.send(receiver, "note", "marker")
-    await until(lambda: len(inbox.messages) > count)
-    assert inbox.payloads[-1] == "marker"
-    inbox.messages.pop()
 
 
 async def test_send_reaches_the_node_addressed_only(redis_url: str, connect: Connect) -> None:

@@ -19,8 +19,7 @@ from registry.cluster import Bus, Message
 from registry.cluster.message import encode
 from registry.cluster.redis_bus import RECONNECT_MAX_SECONDS
 from registry.errors import BusUnavailableError
-from tests.cluster.conftest import Connect, Inbox, RedisServer
-from tests.cluster.test_bus import FAST, settled
+from tests.cluster.conftest import FAST, Connect, Inbox, RedisServer, settled
 from tests.support import WAIT, until
 
 #: How long Redis stays down: long enough for a few reconnection attempts to fail (0.1 s, then
