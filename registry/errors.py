@@ -78,6 +78,15 @@ class SchemaError(StoreError):
     """The database schema is behind (and auto-migration is off) or unknown to this version."""
 
 
+class BusUnavailableError(RegistryError):
+    """The bus between nodes cannot carry a message now: it is not connected, its server is
+    unreachable (the bus reconnects by itself), or the node addressed is not listening."""
+
+
+class BusTimeoutError(RegistryError):
+    """A request over the bus got no answer from the node addressed within its timeout."""
+
+
 def describe(exc: BaseException) -> str:
     """One line naming a driver error's own type and message (not SQLAlchemy's wrapper)."""
     original = getattr(exc, "orig", None) or exc
