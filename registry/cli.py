@@ -290,7 +290,7 @@ def client(database_url: str | None, as_json: bool, client_id: str) -> None:
             ("online", "yes" if summary.online else "no"),
             ("connected", _when(summary.connected_at)),
             ("first seen", _when(summary.first_seen)),
-            ("last seen", _when(summary.last_seen)),
+            ("last seen", "now" if summary.online else _when(summary.last_seen)),
             ("connections", summary.connection_count),
             ("metadata", json.dumps(summary.metadata)),
         )

@@ -33,6 +33,7 @@ from registry.errors import (
     DuplicateClientError,
     InvalidArgumentError,
     RegistryClosedError,
+    SessionFinishedError,
     SessionOwnershipError,
     StoreUnavailableError,
     describe,
@@ -619,7 +620,10 @@ class Registry:
     ) -> None:
         """Remove a session from all mappings (O(its links)).
 
-        A session still active ends in ``state`` (default ``completed``) with ``reason``.
+        A session still live (active, or interrupted by a server restart) ends in ``state``:
+        ``completed`` (the default), ``failed`` or ``cancelled``, with ``reason``. Any other
+        ``state`` (``active``, and ``interrupted``, which only the registry sets when its run
+        stops) raises :class:`InvalidArgumentError` and changes nothing.
         """
         self._end(session_id, state, reason)
 
@@ -674,9 +678,10 @@ class Registry:
                 self._forget(session_id, at)
 
     def _forget(self, session_id: str, at: datetime) -> None:
-        """Drop a session left without links; an active one ends ``cancelled``."""
+        """Drop a session left without links; a live one ends ``cancelled``: an interrupted
+        one too, since its owner finds it only through its links."""
         session = self._live.sessions.pop(session_id, None)
-        if session is not None and session.state is SessionState.ACTIVE:
+        if session is not None:
             self._set_session(
                 session,
                 state=SessionState.CANCELLED,
@@ -691,8 +696,12 @@ class Registry:
             final = SessionState(state)
         except ValueError:
             final = SessionState.ACTIVE
-        if final is SessionState.ACTIVE:
-            raise InvalidArgumentError("state", f"must be a final session state, not {state!r}")
+        if not final.is_final:
+            raise InvalidArgumentError(
+                "state",
+                f"must be completed, failed or cancelled, not {state!r} "
+                "(a session is interrupted only by its server run stopping)",
+            )
         reason = free_text("reason", reason)
         session_id = require_id("session_id", session_id)
         self._check_removable()
@@ -708,7 +717,7 @@ class Registry:
                 AuditKind.SESSION_UNBOUND, at, client_id=client_id, session_id=session_id, role=role
             )
         del self._live.sessions[session_id]
-        if session.state in (SessionState.ACTIVE, SessionState.INTERRUPTED):
+        if not session.state.is_final:
             sequence = self._set_session(
                 session,
                 state=final,
@@ -725,7 +734,7 @@ class Registry:
         """Record ``session`` with ``changes`` in memory (while not final) and in the journal."""
         if changes:
             session = dataclasses.replace(session, **changes)
-        if session.state in (SessionState.ACTIVE, SessionState.INTERRUPTED):
+        if not session.state.is_final:
             self._live.sessions[session.session_id] = session
         sequence = self._append(
             Op.SESSION,
@@ -759,15 +768,18 @@ class Registry:
         return {kind: len(clients) for kind, clients in self._live.by_type.items()}
 
     def session_counts(self) -> dict[SessionState, int]:
-        """How many sessions this node knows in each state (active or interrupted)."""
+        """How many live sessions this node holds in each state: ``active`` ones, and
+        ``interrupted`` ones waiting for their owner to resume or end them. A session leaves
+        the count when it ends."""
         return dict(Counter(session.state for session in self._live.sessions.values()))
 
     def get_session(self, session_id: str) -> SessionInfo | None:
-        """The session if this node knows it as active or interrupted."""
+        """The session if it is live on this node (active or interrupted), else None."""
         return self._live.sessions.get(session_id)
 
     def get_interrupted_sessions(self, client_id: str) -> list[SessionInfo]:
-        """Sessions owned by ``client_id`` that a server restart interrupted (O(its links))."""
+        """Sessions owned by ``client_id`` that were active when a server run stopped (O(its
+        links)). Each stays until its owner re-opens it (:meth:`open_session`) or ends it."""
         found = []
         for session_id in self._live.sessions_of(client_id):
             session = self._live.sessions.get(session_id)
@@ -787,13 +799,18 @@ class Registry:
         executor_id: str,
         task_name: str | None = None,
     ) -> SessionInfo:
-        """Start (or restart) a session owned by ``owner_id`` and run by ``executor_id``; return
-        once it is durable.
+        """Start a session owned by ``owner_id`` and run by ``executor_id``; return once it is
+        durable.
 
         When owner and executor differ the owner is mapped as the constellation and the
         executor as the device; otherwise the owner is mapped as the device running its own
         task. A session id belongs to the client that first created it, also across restarts:
         another client gets :class:`SessionOwnershipError` and nothing changes.
+
+        The owner may open a live session again: an ``active`` one, or an ``interrupted`` one
+        (resumed after a server restart); it keeps its ``created_at``. A session that has
+        ended (``completed``, ``failed``, ``cancelled``) keeps its record: opening it again
+        raises :class:`SessionFinishedError` and nothing changes, also after a restart.
         """
         session_id = require_id("session_id", session_id)
         owner_id = require_id("owner_id", owner_id)
@@ -802,11 +819,15 @@ class Registry:
             task_name = require_id("task_name", task_name)
         self.journal.admit("session")
         if session_id not in self._live.sessions:
-            # The session's earlier rows may still be queued: read the owner once they are in.
+            # The session's earlier rows may still be queued: read them once they are in.
             await self.journal.flush()
-            stored_owner = await self.history.session_owner(session_id)
-            if stored_owner is not None and stored_owner != owner_id:
-                raise SessionOwnershipError(session_id, stored_owner)
+            stored = await self.history.session_status(session_id)
+            if stored is not None:
+                stored_owner, stored_state = stored
+                if stored_owner is not None and stored_owner != owner_id:
+                    raise SessionOwnershipError(session_id, stored_owner)
+                if stored_state.is_final:
+                    raise SessionFinishedError(session_id, stored_state.value)
         existing = self._live.sessions.get(session_id)  # again: the await may have let one in
         if existing is not None and existing.owner_id != owner_id:
             raise SessionOwnershipError(session_id, existing.owner_id)

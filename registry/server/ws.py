@@ -32,6 +32,7 @@ from registry.errors import (
     InvalidArgumentError,
     JournalFullError,
     RegistryClosedError,
+    SessionFinishedError,
     SessionOwnershipError,
     StoreUnavailableError,
 )
@@ -520,12 +521,20 @@ class Endpoint:
                 await peer.send(error("Device clients may not target other devices"))
                 return
             executor = requester
+        task_name = sanitise_task_name(message.task_name)
+        if connection.client_type is ClientType.DEVICE:
+            # A device taking up a task dispatched to it (UFO's device client answers the
+            # dispatch's task frame with a task request of its own).
+            dispatched = self._sessions.dispatched_to(requester, message.session_id, task_name)
+            if dispatched is not None:
+                await peer.send(ack(session_id=dispatched))
+                self._sessions.take_up(dispatched)
+                return
         limit = self._settings.max_sessions_per_client
         if self._sessions.active_count(requester) >= limit:
             await peer.send(error(f"Too many active sessions (limit {limit})"))
             return
         session_id = message.session_id or str(uuid.uuid4())
-        task_name = sanitise_task_name(message.task_name)
         known = self._registry.get_session(session_id)
         if known is not None and known.owner_id != requester:
             # Ownership first: another client must not learn more than that (docs/protocol.md).
@@ -540,7 +549,7 @@ class Endpoint:
                 await self._registry.open_session(
                     session_id, owner_id=requester, executor_id=executor, task_name=task_name
                 )
-        except SessionOwnershipError as exc:
+        except (SessionOwnershipError, SessionFinishedError) as exc:
             await peer.send(error(str(exc), session_id=session_id))
             return
         except InvalidArgumentError as exc:
