@@ -76,6 +76,8 @@ logger = logging.getLogger(__name__)
 
 REASON_REMOVED = "removed"
 REASON_REPLACED = "replaced"
+#: The close code recorded for a replaced registration: the one the server closes it with.
+CODE_REPLACED = 4411
 REASON_SHUTDOWN = "server_shutdown"
 REASON_UNLINKED = "unlinked"
 REASON_NOT_DURABLE = "store_unavailable"
@@ -388,15 +390,22 @@ class Registry:
         metadata: dict[str, Any] | None = None,
         *,
         remote_address: str | None = None,
+        replacing: Any = None,
     ) -> None:
         """Register a new client connection on this node.
 
         Raises :class:`InvalidArgumentError` for bad arguments,
         :class:`DuplicateClientError` when ``client_id`` is live and the policy is ``refuse``,
         and :class:`JournalFullError` when the journal is at its limit; in each case nothing
-        changes (a refused duplicate is audited).
+        changes (a refused duplicate is audited). ``replacing`` names the websocket of a live
+        registration of ``client_id`` to replace whatever the policy (the server passes one
+        that did not answer a ping); a live registration on any other websocket still counts
+        as a duplicate. A replaced registration's record is closed with code
+        :data:`CODE_REPLACED` and reason ``replaced``; closing its websocket is the caller's.
         """
-        self._add_client(client_id, platform, websocket, client_type, metadata, remote_address)
+        self._add_client(
+            client_id, platform, websocket, client_type, metadata, remote_address, replacing
+        )
 
     async def add_client_durable(
         self,
@@ -407,10 +416,11 @@ class Registry:
         metadata: dict[str, Any] | None = None,
         *,
         remote_address: str | None = None,
+        replacing: Any = None,
     ) -> ClientInfo:
         """:meth:`add_client`, returning (a copy of) the new info once it is durable."""
         live, sequence = self._add_client(
-            client_id, platform, websocket, client_type, metadata, remote_address
+            client_id, platform, websocket, client_type, metadata, remote_address, replacing
         )
         await self.journal.wait(sequence)
         return LiveMap.copy_info(live)
@@ -423,6 +433,7 @@ class Registry:
         client_type: ClientType | str,
         metadata: dict[str, Any] | None,
         remote_address: str | None,
+        replacing: Any = None,
     ) -> tuple[LiveClient, int]:
         client_id = require_id("client_id", client_id)
         platform = require_text("platform", platform, max_length=MAX_ID_LENGTH)
@@ -435,7 +446,9 @@ class Registry:
         at = _utc(now)
         existing = self._live.clients.get(client_id)
         if existing is not None:
-            if self._on_duplicate is DuplicatePolicy.REFUSE:
+            if self._on_duplicate is DuplicatePolicy.REFUSE and (
+                replacing is None or existing.info.websocket is not replacing
+            ):
                 self._audit(
                     AuditKind.CLIENT_DUPLICATE_REFUSED,
                     at,
@@ -444,7 +457,7 @@ class Registry:
                     remote_address=remote_address,
                 )
                 raise DuplicateClientError(client_id)
-            self._close(existing, at, None, REASON_REPLACED, AuditKind.CLIENT_REPLACED)
+            self._close(existing, at, CODE_REPLACED, REASON_REPLACED, AuditKind.CLIENT_REPLACED)
         info = ClientInfo(
             client_id=client_id,
             platform=platform,

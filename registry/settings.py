@@ -40,6 +40,12 @@ class Settings(BaseSettings):
         "when bound to loopback, otherwise any.",
     )
     on_duplicate: DuplicatePolicy = DuplicatePolicy.REFUSE
+    twin_ping_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds the connection holding a client id has to answer a WebSocket "
+        "ping when its id is claimed again; one that does not is replaced (4411).",
+    )
     node_name: str | None = None
     auto_migrate: bool | None = None
     max_frame_bytes: int = Field(default=100 * 1024 * 1024, gt=0)

@@ -434,6 +434,14 @@ class Serve(ServerProcess):
     ``--no-auth``. Always reap it with :meth:`~tests.server_process.ServerProcess.stop`."""
 
     def __init__(
-        self, database_url: str, port: int, log: Path, *, api_key: str | None = API_KEY
+        self,
+        database_url: str,
+        port: int,
+        log: Path,
+        *,
+        api_key: str | None = API_KEY,
+        log_level: str = "warning",
     ) -> None:
-        super().__init__(serve_command(database_url, port, api_key=api_key), port, log)
+        super().__init__(
+            serve_command(database_url, port, api_key=api_key, log_level=log_level), port, log
+        )

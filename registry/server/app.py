@@ -16,6 +16,7 @@ from uvicorn.importer import ImportFromStringError, import_from_string
 
 from registry.errors import InvalidArgumentError, StoreUnavailableError
 from registry.registry import Registry
+from registry.server import redaction
 from registry.server.api import API_ERRORS, create_router, require_api_key
 from registry.server.history_api import create_history_router
 from registry.server.metrics import Metrics
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     runner = load_runner(settings.runner)
     logging.getLogger("uvicorn.error").addFilter(_CLIENT_FAULTS)  # a no-op when already added
+    redaction.install()  # no credential in uvicorn's log lines
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import uvicorn
 
+from registry.server.peer import PingingWebSocketProtocol
 from registry.settings import Settings
 
 #: Unacknowledged data is given this many ``send_timeout`` periods before the kernel drops the
@@ -43,8 +44,10 @@ def bind(host: str, port: int, send_timeout: float) -> socket.socket:
 
 def uvicorn_config(app: Any, settings: Settings, **options: Any) -> uvicorn.Config:
     """The uvicorn configuration ``registry serve`` runs ``app`` with; ``options`` add to it
-    or override it."""
+    or override it. Its WebSocket protocol lets the server ping a client at will (the twin
+    check of :mod:`registry.server.ws`)."""
     serve: dict[str, Any] = {
+        "ws": PingingWebSocketProtocol,
         "host": settings.host,
         "port": settings.port,
         "ws_max_size": settings.max_frame_bytes,
