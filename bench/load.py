@@ -818,8 +818,7 @@ def execute(config: Config) -> Run:
             run.checks.append(
                 Check(
                     "the server stopped by itself on SIGTERM",
-                    # uvicorn re-raises the signal after its graceful shutdown: -15 is clean.
-                    run.exit_code in (0, -signal.SIGTERM) and not run.killed,
+                    run.exit_code == 0 and not run.killed,
                     f"exit code {run.exit_code}, killed: {run.killed}",
                 )
             )

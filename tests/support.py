@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -442,17 +442,29 @@ def free_port() -> int:
 
 
 class Serve:
-    """One ``python -m registry serve`` process, its output appended to ``log``; ``api_key``
-    None serves with ``--no-auth``. Always reap it with :meth:`stop`."""
+    """One ``python -m registry serve`` process, its output appended to ``log``. ``api_key`` is
+    the key it is started with and :meth:`ready` sends (None: ``--no-auth``); ``auth``
+    replaces those authentication options (then set ``api_key`` to the key the server will
+    use before :meth:`ready`); ``options`` are added to the command line. Always reap it with
+    :meth:`stop`."""
 
     def __init__(
-        self, database_url: str, port: int, log: Path, *, api_key: str | None = API_KEY
+        self,
+        database_url: str,
+        port: int,
+        log: Path,
+        *,
+        api_key: str | None = API_KEY,
+        auth: Sequence[str] | None = None,
+        options: Sequence[str] = (),
     ) -> None:
         self.port = port
-        self._api_key = api_key
+        self.api_key = api_key
+        self.log = log
         self._log = log.open("ab")
         env = {key: value for key, value in os.environ.items() if not key.startswith("REGISTRY_")}
-        auth = ["--no-auth"] if api_key is None else ["--api-key", api_key]
+        if auth is None:
+            auth = ["--no-auth"] if api_key is None else ["--api-key", api_key]
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -468,6 +480,7 @@ class Serve:
                 *auth,
                 "--log-level",
                 "warning",
+                *options,
             ],
             cwd=ROOT,
             env=env,
@@ -475,10 +488,26 @@ class Serve:
             stderr=subprocess.STDOUT,
         )
 
+    def output(self) -> str:
+        """What the process printed so far (and whatever else ``log`` held before)."""
+        return self.log.read_text(errors="replace")
+
+    async def printed(self, text: str) -> str:
+        """Wait until the output holds ``text`` (30 s at most, failing if the process exits
+        first); the output."""
+        deadline = time.monotonic() + 30
+        while text not in (output := self.output()):
+            if self.process.poll() is not None:
+                raise AssertionError(f"registry serve exited with {self.process.returncode}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"registry serve did not print {text!r}: {output}")
+            await asyncio.sleep(0.05)
+        return output
+
     async def ready(self) -> None:
         """Return once ``/api/health`` answers 200; fail if the process exits or 30 s pass."""
         deadline = time.monotonic() + 30
-        headers = {} if self._api_key is None else {"X-API-Key": self._api_key}
+        headers = {} if self.api_key is None else {"X-API-Key": self.api_key}
         async with httpx.AsyncClient(
             base_url=f"http://{HOST}:{self.port}", headers=headers, timeout=2
         ) as http:
