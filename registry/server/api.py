@@ -14,13 +14,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 
 from registry.errors import InvalidArgumentError, StoreUnavailableError
 from registry.registry import Registry
 from registry.server.sessions import SessionManager
 from registry.server.ws import STORE_BEHIND, sanitise_task_name, token_matches
 from registry.types import ClientType
+from registry.validation import storable_text
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,19 @@ STORE_DOWN: dict[int | str, dict[str, Any]] = {
 TOO_MANY: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorDetail, "description": "The device runs its limit of sessions"}
 }
+
+
+def _storable(value: str) -> str:
+    problem = storable_text(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+#: A string path or query parameter of an ``/api`` route (an id or a filter): one that no
+#: backend could store or compare (a NUL, a lone surrogate) is refused with a 422 naming the
+#: parameter before anything looks it up, so it can never fail in the store as an outage.
+Text = Annotated[str, AfterValidator(_storable)]
 
 
 class DispatchRequest(BaseModel):
@@ -111,7 +125,9 @@ def create_router() -> APIRouter:
         client_type: Annotated[
             ClientType | None, Query(alias="type", description="Only devices or constellations.")
         ] = None,
-        platform: Annotated[str | None, Query(description="Only this platform (any case).")] = None,
+        platform: Annotated[
+            Text | None, Query(description="Only this platform (any case).")
+        ] = None,
         detail: Annotated[bool, Query(description="Also each client's live info.")] = False,
     ) -> dict[str, Any]:
         """Ids of the clients connected to this node (``type`` and ``platform`` narrow the
@@ -208,7 +224,7 @@ def create_router() -> APIRouter:
         }
 
     @router.get("/task_result/{task_name}")
-    async def task_result(task_name: str, sessions: SessionsDep) -> dict[str, Any]:
+    async def task_result(task_name: Text, sessions: SessionsDep) -> dict[str, Any]:
         """``pending`` until a session of that task name has ended, then its result."""
         result = sessions.results.get(task_name)
         if result is None:
