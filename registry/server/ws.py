@@ -39,7 +39,7 @@ from registry.errors import (
 from registry.registry import REASON_REPLACED, Registry
 from registry.server import closecodes
 from registry.server.durability import settle
-from registry.server.peer import Peer
+from registry.server.peer import Closed, Peer, PeerState, ServerShutdown
 from registry.server.protocol import (
     ClientMessage,
     ClientMessageType,
@@ -93,22 +93,6 @@ def token_matches(given: str | None, expected: str | None) -> bool:
     return given is not None and secrets.compare_digest(given.encode(), expected.encode())
 
 
-class _Closed(Exception):
-    """The server closed the connection on purpose; ``code``/``reason`` are recorded."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-class _ServerShutdown(WebSocketDisconnect):
-    """The server (uvicorn) is shutting down and closed the connection itself."""
-
-    def __init__(self) -> None:
-        super().__init__(closecodes.SERVICE_RESTART, "server_shutdown")
-
-
 @dataclass(slots=True)
 class _Connection:
     peer: Peer
@@ -156,8 +140,6 @@ class Endpoint:
         #: Every open peer, with its connection once registered.
         self._peers: dict[Peer, _Connection | None] = {}
         self._sweeper: asyncio.Task[None] | None = None
-        self._frame_rate = settings.max_frames_per_second
-        self._frame_burst = float(settings.frame_burst)
 
     def start(self) -> None:
         """Start the idle sweeper (one task for every connection, instead of a timer per
@@ -189,8 +171,13 @@ class Endpoint:
             await websocket.close(code=closecodes.POLICY_VIOLATION)  # before accept: HTTP 403
             return
         await websocket.accept()
-        peer = Peer(websocket, self._settings.send_timeout)
-        peer.frame_allowance = float(self._settings.frame_burst)
+        settings = self._settings
+        peer = Peer(
+            websocket,
+            settings.send_timeout,
+            settings.max_frames_per_second,
+            float(settings.frame_burst),
+        )
         self._peers[peer] = None
         connection: _Connection | None = None
         code: int | None = None
@@ -207,8 +194,8 @@ class Endpoint:
         except WebSocketDisconnect as exc:
             code = exc.code
             reason = exc.reason or closecodes.REASONS.get(exc.code, "closed")
-            shutdown = isinstance(exc, _ServerShutdown)
-        except _Closed as exc:
+            shutdown = isinstance(exc, ServerShutdown)
+        except Closed as exc:
             code, reason = exc.code, exc.reason
             await peer.close(exc.code, exc.reason)
         except Exception:
@@ -219,7 +206,7 @@ class Endpoint:
             # Given up as a slow consumer (Peer cancelled this task): clean up below. Any
             # other cancellation (or one more besides) goes on.
             task = asyncio.current_task()
-            if not peer.abandoned or task is None or task.uncancel() > 0:
+            if peer.state is not PeerState.ABANDONED or task is None or task.uncancel() > 0:
                 raise
         finally:
             self._peers.pop(peer, None)
@@ -284,61 +271,24 @@ class Endpoint:
             closecodes.REPLACED, REASON_REPLACED, within=self._settings.twin_ping_timeout
         )
 
-    async def _receive(self, peer: Peer) -> str | None:
-        """The next text frame (None for a binary one); raises on disconnect. Idle peers are
-        closed by the sweeper, which makes this raise too.
-
-        Flood control: a token bucket per connection, refilled at ``max_frames_per_second``
-        up to ``frame_burst`` and charged one token per frame; a frame that finds it empty
-        closes the connection with 4429 ``rate_limited``."""
-        if peer.abandoned:  # given up by a send of this very task (Peer): do not wait on
-            raise _Closed(closecodes.SLOW_CONSUMER, "slow_consumer")
-        message = await peer.websocket.receive()
-        now = asyncio.get_running_loop().time()
-        allowance = peer.frame_allowance + (now - peer.last_heard) * self._frame_rate
-        peer.frame_allowance = (
-            allowance if allowance < self._frame_burst else self._frame_burst
-        ) - 1.0
-        peer.last_heard = now
-        if message["type"] == "websocket.disconnect":
-            code: int = message.get("code", 1000)
-            # uvicorn's own disconnect events carry no "reason" key; a client's close frame
-            # always does (possibly ""). Without one, 1005 is a connection lost without a
-            # close frame (recorded as 1006), and 1012 is uvicorn closing it on shutdown.
-            if "reason" not in message:
-                if code == 1005:
-                    raise WebSocketDisconnect(1006, "connection_lost")
-                if code == closecodes.SERVICE_RESTART:
-                    raise _ServerShutdown()
-            reason: str | None = message.get("reason")
-            # The reason is the client's text: keep it storable (PostgreSQL refuses NUL).
-            raise WebSocketDisconnect(code, reason.replace("\x00", "\ufffd") if reason else None)
-        if peer.closed_by_server is not None:
-            # Closed by the server meanwhile (replaced, idle): what the peer still sent is moot.
-            raise _Closed(*peer.closed_by_server)
-        if peer.frame_allowance < 0.0:
-            raise _Closed(closecodes.RATE_LIMITED, "rate_limited")
-        text: str | None = message.get("text")
-        return text
-
     async def _handshake(self, peer: Peer) -> _Connection:
         try:
             async with asyncio.timeout(self._settings.handshake_timeout):
-                text = await self._receive(peer)
+                text = await peer.receive()
         except TimeoutError:
-            raise _Closed(closecodes.IDLE_TIMEOUT, "idle_timeout") from None
+            raise Closed(closecodes.IDLE_TIMEOUT, "idle_timeout") from None
         if text is None:
-            raise _Closed(closecodes.INVALID_REGISTRATION, "binary_registration")
+            raise Closed(closecodes.INVALID_REGISTRATION, "binary_registration")
         parsed = _parse(text)
         if isinstance(parsed, str):
             await peer.send_first(error(parsed))
-            raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration")
+            raise Closed(closecodes.INVALID_REGISTRATION, "invalid_registration")
         if parsed.type is not ClientMessageType.REGISTER:
             await peer.send_first(error("First message must be a register message"))
-            raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration")
+            raise Closed(closecodes.INVALID_REGISTRATION, "invalid_registration")
         if not parsed.client_id:
             await peer.send_first(error("Client ID is required for WebSocket registration"))
-            raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration")
+            raise Closed(closecodes.INVALID_REGISTRATION, "invalid_registration")
         client_id, client_type = parsed.client_id, parsed.client_type
         metadata = parsed.metadata or {}
         platform = metadata.get("platform") or "windows"
@@ -349,7 +299,7 @@ class Endpoint:
             and not self._registry.is_device_connected(target)
         ):
             await peer.send_first(error(f"Target device '{target}' is not connected"))
-            raise _Closed(closecodes.TARGET_NOT_CONNECTED, "target_not_connected")
+            raise Closed(closecodes.TARGET_NOT_CONNECTED, "target_not_connected")
         client = peer.websocket.client
         replacing = await self._unresponsive_holder(client_id)
         try:
@@ -385,14 +335,14 @@ class Endpoint:
             if self._registry.get_client(client_id) is peer:
                 self._registry.remove_client(client_id, reason="store_unavailable")
             await peer.send_first(error(STORE_BEHIND))
-            raise _Closed(closecodes.STORE_UNAVAILABLE, "store_unavailable") from None
+            raise Closed(closecodes.STORE_UNAVAILABLE, "store_unavailable") from None
         except JournalFullError as exc:
             logger.warning("client %s: %s", client_id, exc)
             await peer.send_first(error(STORE_BEHIND))
-            raise _Closed(closecodes.STORE_UNAVAILABLE, "journal_full") from None
+            raise Closed(closecodes.STORE_UNAVAILABLE, "journal_full") from None
         except DuplicateClientError as exc:
             await peer.send_first(error(str(exc)))
-            raise _Closed(closecodes.DUPLICATE_CLIENT, "duplicate_client") from None
+            raise Closed(closecodes.DUPLICATE_CLIENT, "duplicate_client") from None
         except InvalidArgumentError as exc:
             if self._registry.get_client(client_id) is peer:
                 self._registry.remove_client(client_id, reason="invalid_registration")
@@ -402,10 +352,10 @@ class Endpoint:
                     f"the refused registration of {client_id}",
                 )
             await peer.send_first(error(f"Invalid registration: {exc}"))
-            raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration") from None
+            raise Closed(closecodes.INVALID_REGISTRATION, "invalid_registration") from None
         if peer.closed_by_server is not None:
             # Replaced by a newer registration while this one was committed: it never starts.
-            raise _Closed(*peer.closed_by_server)
+            raise Closed(*peer.closed_by_server)
         return _Connection(peer, client_id, client_type, parsed.target_id)
 
     async def _unresponsive_holder(self, client_id: str) -> Peer | None:
@@ -431,7 +381,7 @@ class Endpoint:
     async def _serve(self, connection: _Connection) -> None:
         peer = connection.peer
         while True:
-            text = await self._receive(peer)
+            text = await peer.receive()
             if text is None:
                 await peer.send(error("Binary frames are not supported; send JSON text frames"))
                 continue
