@@ -6,6 +6,7 @@ several nodes).
 """
 
 from registry.errors import (
+    DatabaseInUseError,
     DuplicateClientError,
     InvalidArgumentError,
     JournalFullError,
@@ -37,6 +38,7 @@ __all__ = [
     "ClientInfo",
     "ClientType",
     "ConnectionRecord",
+    "DatabaseInUseError",
     "DeviceInfoSnapshot",
     "DuplicateClientError",
     "DuplicatePolicy",
