@@ -443,15 +443,23 @@ def free_port() -> int:
 
 class Serve:
     """One ``python -m registry serve`` process, its output appended to ``log``; ``api_key``
-    None serves with ``--no-auth``. Always reap it with :meth:`stop`."""
+    None serves with ``--no-auth``; ``settings`` are passed as ``REGISTRY_*`` variables.
+    Always reap it with :meth:`stop`."""
 
     def __init__(
-        self, database_url: str, port: int, log: Path, *, api_key: str | None = API_KEY
+        self,
+        database_url: str,
+        port: int,
+        log: Path,
+        *,
+        api_key: str | None = API_KEY,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         self.port = port
         self._api_key = api_key
         self._log = log.open("ab")
         env = {key: value for key, value in os.environ.items() if not key.startswith("REGISTRY_")}
+        env |= {f"REGISTRY_{name.upper()}": str(value) for name, value in (settings or {}).items()}
         auth = ["--no-auth"] if api_key is None else ["--api-key", api_key]
         self.process = subprocess.Popen(
             [
