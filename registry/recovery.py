@@ -2,7 +2,8 @@
 memory back from the store.
 
 A run is *gone* when it has no ``stopped_at`` and either shares this run's node name (it was
-this server before a crash), the database is SQLite (one node only), or its heartbeat expired.
+this server before a crash), the database is SQLite (one registry at a time: the caller holds
+the file's lock, so no other run of it is alive), or its heartbeat expired.
 Its open connections are closed at its last heartbeat (the best known time; one opened after
 that beat closes at its own start) with reason ``server_restart`` (same name or SQLite) or
 ``node_lost`` (another node), its active sessions become ``interrupted``, and each step is

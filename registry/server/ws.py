@@ -382,8 +382,7 @@ class Endpoint:
                 client_id,
                 self._settings.store_timeout,
             )
-            if self._registry.get_client(client_id) is peer:
-                self._registry.remove_client(client_id, reason="store_unavailable")
+            self._registry.withdraw_client(client_id, peer)  # refused: never written
             await peer.send_first(error(STORE_BEHIND))
             raise _Closed(closecodes.STORE_UNAVAILABLE, "store_unavailable") from None
         except JournalFullError as exc:
@@ -394,13 +393,8 @@ class Endpoint:
             await peer.send_first(error(str(exc)))
             raise _Closed(closecodes.DUPLICATE_CLIENT, "duplicate_client") from None
         except InvalidArgumentError as exc:
-            if self._registry.get_client(client_id) is peer:
-                self._registry.remove_client(client_id, reason="invalid_registration")
-                await settle(
-                    self._registry,
-                    self._settings.store_timeout,
-                    f"the refused registration of {client_id}",
-                )
+            # Added, then its device info refused: neither is ever written.
+            self._registry.withdraw_client(client_id, peer, reason="invalid_registration")
             await peer.send_first(error(f"Invalid registration: {exc}"))
             raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration") from None
         if peer.closed_by_server is not None:
