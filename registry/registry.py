@@ -478,8 +478,9 @@ class Registry:
         at its limit; in each case nothing changes (a refused duplicate is audited).
         ``replacing`` names the websocket of a live registration of ``client_id`` to replace
         whatever the policy (the server passes one that did not answer a ping); a live
-        registration on any other websocket still counts as a duplicate. A replaced registration's record is closed with code
-        :data:`CODE_REPLACED` and reason ``replaced``; closing its websocket is the caller's.
+        registration on any other websocket still counts as a duplicate. A replaced
+        registration's record is closed with code :data:`CODE_REPLACED` and reason
+        ``replaced``; closing its websocket is the caller's.
         """
         self._add_client(
             client_id, platform, websocket, client_type, metadata, remote_address, replacing
