@@ -30,6 +30,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from registry import closes
 from registry.audit import AuditKind
 from registry.errors import (
     DuplicateClientError,
@@ -78,14 +79,6 @@ from registry.validation import (
 )
 
 logger = logging.getLogger(__name__)
-
-REASON_REMOVED = "removed"
-REASON_REPLACED = "replaced"
-#: The close code recorded for a replaced registration: the one the server closes it with.
-CODE_REPLACED = 4411
-REASON_SHUTDOWN = "server_shutdown"
-REASON_UNLINKED = "unlinked"
-REASON_NOT_DURABLE = "store_unavailable"
 
 #: The reference's name for the client argument of each session map's methods.
 _ROLE_ARGUMENT = {LinkRole.CONSTELLATION: "constellation_id", LinkRole.DEVICE: "device_id"}
@@ -341,13 +334,13 @@ class Registry:
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
             self._heartbeat_task = None
         for client_id in list(self._live.clients):
-            self.remove_client(client_id, reason=REASON_SHUTDOWN)
+            self.remove_client(client_id, reason=closes.SERVER_SHUTDOWN.reason)
         for session in list(self._live.sessions.values()):
             if session.state is SessionState.ACTIVE:
                 self._set_session(
                     session,
                     state=SessionState.INTERRUPTED,
-                    end_reason=REASON_SHUTDOWN,
+                    end_reason=closes.SESSION_SERVER_SHUTDOWN,
                     kind=AuditKind.SESSION_INTERRUPTED,
                     at=datetime.now(UTC),
                 )
@@ -360,7 +353,7 @@ class Registry:
                 await connection.execute(
                     update(models.nodes)
                     .where(models.nodes.c.node_id == self.node_id)
-                    .values(heartbeat_at=now, stopped_at=now, stop_reason="shutdown")
+                    .values(heartbeat_at=now, stopped_at=now, stop_reason=closes.NODE_STOPPED)
                 )
         except SQLAlchemyError as exc:
             raise StoreUnavailableError(f"cannot mark the node stopped: {describe(exc)}") from exc
@@ -479,8 +472,8 @@ class Registry:
         ``replacing`` names the websocket of a live registration of ``client_id`` to replace
         whatever the policy (the server passes one that did not answer a ping); a live
         registration on any other websocket still counts as a duplicate. A replaced
-        registration's record is closed with code :data:`CODE_REPLACED` and reason
-        ``replaced``; closing its websocket is the caller's.
+        registration's record is closed with :data:`registry.closes.REPLACED` (4411,
+        ``replaced``); closing its websocket is the caller's.
         """
         self._add_client(
             client_id, platform, websocket, client_type, metadata, remote_address, replacing
@@ -538,7 +531,8 @@ class Registry:
                     remote_address=remote_address,
                 )
                 raise DuplicateClientError(client_id)
-            self._close(existing, at, CODE_REPLACED, REASON_REPLACED, AuditKind.CLIENT_REPLACED)
+            replaced = closes.REPLACED
+            self._close(existing, at, replaced.code, replaced.reason, AuditKind.CLIENT_REPLACED)
         info = ClientInfo(
             client_id=client_id,
             platform=platform,
@@ -579,7 +573,7 @@ class Registry:
         return live, sequence
 
     def withdraw_client(
-        self, client_id: str, websocket: Any, *, reason: str = REASON_NOT_DURABLE
+        self, client_id: str, websocket: Any, *, reason: str = closes.STORE_UNAVAILABLE.reason
     ) -> None:
         """Undo a registration of ``client_id`` on ``websocket`` that the caller refused after
         making it (its commit did not come in time, or its device info was refused).
@@ -638,7 +632,7 @@ class Registry:
             return None
         self._check_open()
         return self._close(
-            live, _utc(time.time()), code, reason or REASON_REMOVED, AuditKind.CLIENT_REMOVED
+            live, _utc(time.time()), code, reason or closes.REMOVED.reason, AuditKind.CLIENT_REMOVED
         )
 
     def _close(
@@ -810,7 +804,7 @@ class Registry:
                 session,
                 state=SessionState.CANCELLED,
                 ended_at=at,
-                end_reason=REASON_UNLINKED,
+                end_reason=closes.SESSION_UNLINKED,
                 kind=AuditKind.SESSION_ENDED,
                 at=at,
             )
@@ -993,7 +987,7 @@ class Registry:
 
         def end() -> None:
             if self._live.sessions.get(session_id) is session:
-                self._end(session_id, SessionState.FAILED, REASON_NOT_DURABLE)
+                self._end(session_id, SessionState.FAILED, closes.SESSION_NOT_DURABLE)
 
         def forget() -> None:
             if self._live.sessions.get(session_id) is session:

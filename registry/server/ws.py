@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from registry import closes
 from registry.errors import (
     DuplicateClientError,
     InvalidArgumentError,
@@ -36,7 +37,7 @@ from registry.errors import (
     SessionOwnershipError,
     StoreUnavailableError,
 )
-from registry.registry import REASON_REPLACED, Registry
+from registry.registry import Registry
 from registry.server import closecodes
 from registry.server.durability import settle
 from registry.server.peer import Peer
@@ -281,7 +282,7 @@ class Endpoint:
             connection.left_behind = self._left_behind(connection)
         # Not answering pings, it may not take a close frame either: do not wait long for it.
         await peer.close(
-            closecodes.REPLACED, REASON_REPLACED, within=self._settings.twin_ping_timeout
+            closecodes.REPLACED, closes.REPLACED.reason, within=self._settings.twin_ping_timeout
         )
 
     async def _receive(self, peer: Peer) -> str | None:
