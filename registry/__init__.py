@@ -6,6 +6,7 @@ several nodes).
 """
 
 from registry.errors import (
+    DatabaseInUseError,
     DuplicateClientError,
     InvalidArgumentError,
     JournalFullError,
@@ -38,6 +39,7 @@ __all__ = [
     "ClientInfo",
     "ClientType",
     "ConnectionRecord",
+    "DatabaseInUseError",
     "DeviceInfoSnapshot",
     "DuplicateClientError",
     "DuplicatePolicy",

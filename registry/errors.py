@@ -70,8 +70,26 @@ class StoreUnavailableError(StoreError):
 
 
 class JournalFullError(StoreUnavailableError):
-    """New work was refused because the journal holds its limit of operations that the store
-    has not committed yet (the store is down or too slow); nothing changed."""
+    """New work was refused because the journal holds its limit of operations (or of bytes)
+    that the store has not committed yet; nothing changed.
+
+    The store is down or failing (the message gives its last error), or merely slower than a
+    caller that adds without pause: a bulk load awaits :meth:`Registry.room` between calls
+    (the message then says so)."""
+
+
+class DatabaseInUseError(RegistryError):
+    """Another registry (a server, or a program using the library) has this SQLite database
+    open; a SQLite database has one. ``holder`` is how that registry described itself (pid,
+    host, node name, start time), or None if it did not."""
+
+    def __init__(self, database: str, holder: str | None) -> None:
+        super().__init__(
+            f"the database {database} is in use by another registry "
+            f"({holder or 'it did not say which'}); stop that one first, or use another database"
+        )
+        self.database = database
+        self.holder = holder
 
 
 class SchemaError(StoreError):

@@ -2,7 +2,8 @@
 memory back from the store.
 
 A run is *gone* when it has no ``stopped_at`` and either shares this run's node name (it was
-this server before a crash), the database is SQLite (one node only), or its heartbeat expired.
+this server before a crash), the database is SQLite (one registry at a time: the caller holds
+the file's lock, so no other run of it is alive), or its heartbeat expired.
 Its open connections are closed at its last heartbeat (the best known time; one opened after
 that beat closes at its own start) with reason ``server_restart`` (same name or SQLite) or
 ``node_lost`` (another node), its active sessions become ``interrupted``, and each step is
@@ -30,14 +31,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from registry import closes
 from registry.audit import AuditKind
 from registry.store import models
 from registry.store.dialect import json_object
 from registry.types import LinkRole, SessionInfo, SessionState
 from registry.validation import canonical_json
-
-REASON_RESTART = "server_restart"
-REASON_NODE_LOST = "node_lost"
 
 
 @dataclass(slots=True)
@@ -98,7 +97,8 @@ async def close_gone_runs(
     dialect = connection.dialect.name
     closed = interrupted = 0
     for gone_id, gone_name, last_beat in gone:
-        reason = REASON_RESTART if single_node or gone_name == node_name else REASON_NODE_LOST
+        same_node = single_node or gone_name == node_name
+        reason = (closes.SERVER_RESTART if same_node else closes.NODE_LOST).reason
         open_rows = and_(c.node_id == gone_id, c.disconnected_at.is_(None))
         await connection.execute(
             _audit_each(

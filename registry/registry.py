@@ -19,6 +19,8 @@ import socket
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
@@ -28,6 +30,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from registry import closes
 from registry.audit import AuditKind
 from registry.errors import (
     DuplicateClientError,
@@ -39,7 +42,7 @@ from registry.errors import (
     describe,
 )
 from registry.history import History
-from registry.journal import DEFAULT_LIMIT, DEFAULT_STALL_SECONDS, Journal
+from registry.journal import DEFAULT_LIMIT, DEFAULT_LIMIT_BYTES, DEFAULT_STALL_SECONDS, Journal
 from registry.livemap import DeviceInfoEntry, LiveClient, LiveMap
 from registry.recovery import close_gone_runs, load_state
 from registry.store import models
@@ -51,6 +54,7 @@ from registry.store.dialect import (
     parse_url,
 )
 from registry.store.schema import ensure_schema
+from registry.store.sqlite_file import DatabaseFile, database_path
 from registry.store.writes import Op, Row
 from registry.types import (
     ClientInfo,
@@ -61,6 +65,8 @@ from registry.types import (
     SessionState,
 )
 from registry.validation import (
+    DEFAULT_MAX_DEVICE_INFO_BYTES,
+    DEFAULT_MAX_METADATA_BYTES,
     MAX_ID_LENGTH,
     client_type_of,
     close_code,
@@ -74,20 +80,23 @@ from registry.validation import (
 
 logger = logging.getLogger(__name__)
 
-REASON_REMOVED = "removed"
-REASON_REPLACED = "replaced"
-#: The close code recorded for a replaced registration: the one the server closes it with.
-CODE_REPLACED = 4411
-REASON_SHUTDOWN = "server_shutdown"
-REASON_UNLINKED = "unlinked"
-REASON_NOT_DURABLE = "store_unavailable"
-
 #: The reference's name for the client argument of each session map's methods.
 _ROLE_ARGUMENT = {LinkRole.CONSTELLATION: "constellation_id", LinkRole.DEVICE: "device_id"}
 
 
 def _utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
+
+
+@dataclass(slots=True)
+class _Registration:
+    """What a live client's registration journalled, for :meth:`Registry.withdraw_client`: its
+    operations (and those of device info set before it was committed), and the cached device
+    info that this device info replaced."""
+
+    sequences: list[int]
+    device_info: DeviceInfoEntry | None = None
+    replaced_device_info: DeviceInfoEntry | None = None
 
 
 class Registry:
@@ -107,11 +116,20 @@ class Registry:
     SQLite has one node: every earlier run that did not stop is taken as gone.
 
     While the store fails, the journal keeps what the live map did and the writer retries.
-    ``journal_limit`` bounds it: once that many operations wait for the store, registrations
-    and new sessions are refused with :class:`JournalFullError` (nothing changes); ends
-    (disconnects, session ends) are still accepted, so what happened is never dropped. A
-    commit still running after ``stall_timeout`` seconds (a database that hangs instead of
-    failing) is logged and reported by ``journal.fault()`` like a failed one.
+    ``journal_limit`` (operations) and ``journal_limit_bytes`` (the JSON size of the documents
+    they carry, plus 600 bytes each) bound it: at either, registrations and new sessions are
+    refused with :class:`JournalFullError` (nothing changes); ends (disconnects, session ends)
+    are still accepted, so what happened is never dropped. A commit still running after
+    ``stall_timeout`` seconds (a database that hangs instead of failing) is logged and
+    reported by ``journal.fault()`` like a failed one. A bulk load awaits :meth:`room`
+    between calls to keep pace with the writer. A client's metadata and a device's info are
+    at most ``max_metadata_bytes`` and ``max_device_info_bytes`` as JSON
+    (:class:`InvalidArgumentError` otherwise).
+
+    A SQLite database has one registry: :meth:`start` locks it (``<database>.lock``, released
+    by :meth:`close` or when the process ends) and raises :class:`DatabaseInUseError` naming
+    the holder if another registry has it. A SQLite file deleted or replaced while the
+    registry runs is a store fault: nothing more is committed (or acknowledged as durable).
     """
 
     def __init__(
@@ -125,7 +143,10 @@ class Registry:
         node_timeout: float = 30.0,
         close_timeout: float | None = 30.0,
         journal_limit: int = DEFAULT_LIMIT,
+        journal_limit_bytes: int = DEFAULT_LIMIT_BYTES,
         stall_timeout: float = DEFAULT_STALL_SECONDS,
+        max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
+        max_device_info_bytes: int = DEFAULT_MAX_DEVICE_INFO_BYTES,
     ) -> None:
         self._url = parse_url(database_url or DEFAULT_URL)
         try:
@@ -139,14 +160,24 @@ class Registry:
         require_positive("node_timeout", node_timeout)
         require_positive("close_timeout", close_timeout, allow_none=True)
         require_positive("journal_limit", journal_limit)
+        require_positive("journal_limit_bytes", journal_limit_bytes)
         require_positive("stall_timeout", stall_timeout)
+        require_positive("max_metadata_bytes", max_metadata_bytes)
+        require_positive("max_device_info_bytes", max_device_info_bytes)
         self._auto_migrate = is_sqlite(self._url) if auto_migrate is None else auto_migrate
         self._heartbeat_interval = heartbeat_interval
         self._node_timeout = timedelta(seconds=node_timeout)
         self._close_timeout = close_timeout
         self._journal_limit = journal_limit
+        self._journal_limit_bytes = journal_limit_bytes
         self._stall_timeout = stall_timeout
+        self._metadata_cap = ("max_metadata_bytes", max_metadata_bytes)
+        self._device_info_cap = ("max_device_info_bytes", max_device_info_bytes)
+        path = database_path(self._url)
+        self._file = None if path is None else DatabaseFile(path)
         self._live = LiveMap()
+        #: client id -> what its registration journalled (see :meth:`withdraw_client`).
+        self._registrations: dict[str, _Registration] = {}
         self._engine: AsyncEngine | None = None
         self._journal: Journal | None = None
         self._history: History | None = None
@@ -181,21 +212,42 @@ class Registry:
             raise RegistryClosedError("the registry is not started; await registry.start()")
         return self._journal
 
-    async def start(self) -> None:
-        """Migrate (or refuse), register this node run, recover from earlier runs, load state.
+    def ensure_free(self) -> None:
+        """Raise :class:`DatabaseInUseError` if another registry has this SQLite database now
+        (a no-op for other databases): a check that can come ahead of :meth:`start`, which
+        decides."""
+        if self._file is not None:
+            self._file.ensure_free()
 
-        Raises :class:`StoreUnavailableError` when the database cannot be reached or written
-        and :class:`SchemaError` when its schema is behind or unknown; nothing is left open.
+    async def start(self) -> None:
+        """Lock a SQLite database, migrate (or refuse), register this node run, recover from
+        earlier runs, load state.
+
+        Raises :class:`DatabaseInUseError` when another registry has the SQLite database,
+        :class:`StoreUnavailableError` when the database cannot be reached or written and
+        :class:`SchemaError` when its schema is behind or unknown; nothing is left open.
         """
         if self._engine is not None:
             raise RegistryClosedError("the registry is already started")
         if self._runs:
             self.node_id = str(uuid.uuid4())  # each run is its own row in ``nodes``
+        started = datetime.now(UTC)
+        name = self._node_name or self.node_id
         engine = create_engine(self._url)
         try:
+            if self._file is not None:
+                # Before recovery: it takes every unstopped run of this file for a dead one.
+                self._file.acquire(
+                    f"pid {os.getpid()} on host {socket.gethostname()}, node {name}, "
+                    f"started at {started.isoformat(timespec='seconds')}"
+                )
             await ensure_schema(engine, auto_migrate=self._auto_migrate)
-            await self._recover(engine)
+            if self._file is not None:
+                self._file.remember()
+            await self._recover(engine, started)
         except BaseException as exc:
+            if self._file is not None:
+                self._file.release()
             await engine.dispose()
             if isinstance(exc, SQLAlchemyError | OSError):
                 raise StoreUnavailableError(
@@ -204,15 +256,20 @@ class Registry:
             raise
         self._runs += 1
         self._engine = engine
-        self._journal = Journal(engine, limit=self._journal_limit, stall_after=self._stall_timeout)
+        self._journal = Journal(
+            engine,
+            limit=self._journal_limit,
+            limit_bytes=self._journal_limit_bytes,
+            stall_after=self._stall_timeout,
+            guard=None if self._file is None else self._file.check,
+        )
         self._journal.start()
         self._history = History(engine)
         self._heartbeat_task = asyncio.get_running_loop().create_task(
             self._heartbeat(), name="registry-node-heartbeat"
         )
 
-    async def _recover(self, engine: AsyncEngine) -> None:
-        now = datetime.now(UTC)
+    async def _recover(self, engine: AsyncEngine, now: datetime) -> None:
         name = self._node_name or self.node_id
         async with engine.connect() as outer, checkpoint_deferred(outer) as connection:
             await connection.execute(
@@ -267,8 +324,8 @@ class Registry:
         """Close every live connection record (reason ``server_shutdown``), mark active sessions
         ``interrupted``, drain the journal and mark this node run stopped.
 
-        Raises :class:`StoreUnavailableError` if the journal cannot be drained within
-        ``close_timeout`` seconds.
+        Raises :class:`StoreUnavailableError` if the journal cannot be drained: the writer
+        committed nothing for ``close_timeout`` seconds.
         """
         if self._engine is None or self._journal is None:
             return
@@ -277,13 +334,13 @@ class Registry:
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
             self._heartbeat_task = None
         for client_id in list(self._live.clients):
-            self.remove_client(client_id, reason=REASON_SHUTDOWN)
+            self.remove_client(client_id, reason=closes.SERVER_SHUTDOWN.reason)
         for session in list(self._live.sessions.values()):
             if session.state is SessionState.ACTIVE:
                 self._set_session(
                     session,
                     state=SessionState.INTERRUPTED,
-                    end_reason=REASON_SHUTDOWN,
+                    end_reason=closes.SESSION_SERVER_SHUTDOWN,
                     kind=AuditKind.SESSION_INTERRUPTED,
                     at=datetime.now(UTC),
                 )
@@ -296,14 +353,17 @@ class Registry:
                 await connection.execute(
                     update(models.nodes)
                     .where(models.nodes.c.node_id == self.node_id)
-                    .values(heartbeat_at=now, stopped_at=now, stop_reason="shutdown")
+                    .values(heartbeat_at=now, stopped_at=now, stop_reason=closes.NODE_STOPPED)
                 )
         except SQLAlchemyError as exc:
             raise StoreUnavailableError(f"cannot mark the node stopped: {describe(exc)}") from exc
         finally:
             self._engine = self._journal = self._history = None
             self._live = LiveMap()
+            self._registrations.clear()
             await engine.dispose()
+            if self._file is not None:
+                self._file.release()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -339,10 +399,20 @@ class Registry:
         """Return once every mutation made before this call is committed."""
         await self.journal.flush()
 
+    async def room(self) -> None:
+        """Keep pace with the writer: return at once while the journal is at most half full
+        (by operations and by bytes), otherwise once the writer has caught up that far.
+
+        Await it before each call of a bulk load (a loop of mutations), which then never
+        outruns the store into :class:`JournalFullError`. Raises
+        :class:`StoreUnavailableError` instead of waiting while the store is failing.
+        """
+        await self.journal.room()
+
     # -- journalling helpers ---------------------------------------------------------------
 
-    def _append(self, op: Op, row: Row) -> int:
-        return self.journal.append(op, row)
+    def _append(self, op: Op, row: Row, weight: int = 0) -> int:
+        return self.journal.append(op, row, weight)
 
     def _audit(
         self,
@@ -377,6 +447,7 @@ class Registry:
                 "last_seen": at,
                 "metadata": info.metadata,
             },
+            len(live.metadata_json),
         )
 
     # -- clients ---------------------------------------------------------------------------
@@ -394,14 +465,15 @@ class Registry:
     ) -> None:
         """Register a new client connection on this node.
 
-        Raises :class:`InvalidArgumentError` for bad arguments,
-        :class:`DuplicateClientError` when ``client_id`` is live and the policy is ``refuse``,
-        and :class:`JournalFullError` when the journal is at its limit; in each case nothing
-        changes (a refused duplicate is audited). ``replacing`` names the websocket of a live
-        registration of ``client_id`` to replace whatever the policy (the server passes one
-        that did not answer a ping); a live registration on any other websocket still counts
-        as a duplicate. A replaced registration's record is closed with code
-        :data:`CODE_REPLACED` and reason ``replaced``; closing its websocket is the caller's.
+        Raises :class:`InvalidArgumentError` for bad arguments (also metadata over
+        ``max_metadata_bytes`` as JSON), :class:`DuplicateClientError` when ``client_id`` is
+        live and the policy is ``refuse``, and :class:`JournalFullError` when the journal is
+        at its limit; in each case nothing changes (a refused duplicate is audited).
+        ``replacing`` names the websocket of a live registration of ``client_id`` to replace
+        whatever the policy (the server passes one that did not answer a ping); a live
+        registration on any other websocket still counts as a duplicate. A replaced
+        registration's record is closed with :data:`registry.closes.REPLACED` (4411,
+        ``replaced``); closing its websocket is the caller's.
         """
         self._add_client(
             client_id, platform, websocket, client_type, metadata, remote_address, replacing
@@ -438,7 +510,9 @@ class Registry:
         client_id = require_id("client_id", client_id)
         platform = require_text("platform", platform, max_length=MAX_ID_LENGTH)
         kind = client_type_of(client_type)
-        metadata_json = require_document("metadata", {} if metadata is None else metadata)
+        metadata_json = require_document(
+            "metadata", {} if metadata is None else metadata, cap=self._metadata_cap
+        )
         remote_address = optional_text("remote_address", remote_address, max_length=MAX_ID_LENGTH)
         journal = self.journal
         journal.admit("registration")
@@ -457,7 +531,8 @@ class Registry:
                     remote_address=remote_address,
                 )
                 raise DuplicateClientError(client_id)
-            self._close(existing, at, CODE_REPLACED, REASON_REPLACED, AuditKind.CLIENT_REPLACED)
+            replaced = closes.REPLACED
+            self._close(existing, at, replaced.code, replaced.reason, AuditKind.CLIENT_REPLACED)
         info = ClientInfo(
             client_id=client_id,
             platform=platform,
@@ -470,7 +545,7 @@ class Registry:
         )
         live = LiveClient.of(info, metadata_json)
         self._live.add(live)
-        self._client_row(live, at)
+        first = self._client_row(live, at)
         journal.append(
             Op.CONNECTION_OPEN,
             {
@@ -483,6 +558,7 @@ class Registry:
                 "remote_address": remote_address,
                 "connected_at": at,
             },
+            len(metadata_json),
         )
         sequence = self._audit(
             AuditKind.CLIENT_REGISTERED,
@@ -493,7 +569,42 @@ class Registry:
             platform=platform,
             remote_address=remote_address,
         )
+        self._registrations[client_id] = _Registration(list(range(first, sequence + 1)))
         return live, sequence
+
+    def withdraw_client(
+        self, client_id: str, websocket: Any, *, reason: str = closes.STORE_UNAVAILABLE.reason
+    ) -> None:
+        """Undo a registration of ``client_id`` on ``websocket`` that the caller refused after
+        making it (its commit did not come in time, or its device info was refused).
+
+        The id is free at once. Nothing of the registration is ever written, nor device info
+        set before it was committed, unless its rows were committed meanwhile (or are in the
+        commit running now, which then succeeds): then its disconnect is recorded with
+        ``reason``, as :meth:`remove_client` would. A no-op unless ``client_id`` is live on
+        ``websocket``.
+        """
+        live = self._live.clients.get(client_id)
+        if live is None or live.info.websocket is not websocket:
+            return
+        registration = self._registrations.pop(client_id)
+        self._live.pop(client_id)
+        at = _utc(time.time())
+
+        def committed() -> None:
+            self._record_close(live, at, None, reason, AuditKind.CLIENT_REMOVED)
+
+        def dropped() -> None:
+            cache = self._live.device_info
+            if registration.device_info is not None and (
+                cache.get(client_id) is registration.device_info
+            ):
+                if registration.replaced_device_info is None:
+                    del cache[client_id]
+                else:
+                    cache[client_id] = registration.replaced_device_info
+
+        self.journal.retract(registration.sequences, committed=committed, dropped=dropped)
 
     def remove_client(
         self, client_id: str, *, code: int | None = None, reason: str | None = None
@@ -521,14 +632,21 @@ class Registry:
             return None
         self._check_open()
         return self._close(
-            live, _utc(time.time()), code, reason or REASON_REMOVED, AuditKind.CLIENT_REMOVED
+            live, _utc(time.time()), code, reason or closes.REMOVED.reason, AuditKind.CLIENT_REMOVED
         )
 
     def _close(
         self, live: LiveClient, at: datetime, code: int | None, reason: str, kind: AuditKind
     ) -> int:
+        self._live.pop(live.info.client_id)
+        self._registrations.pop(live.info.client_id, None)
+        return self._record_close(live, at, code, reason, kind)
+
+    def _record_close(
+        self, live: LiveClient, at: datetime, code: int | None, reason: str, kind: AuditKind
+    ) -> int:
+        """Journal the end of ``live``'s connection (no longer in the live map)."""
         info = live.info
-        self._live.pop(info.client_id)
         self._append(
             Op.CONNECTION_CLOSE,
             {"b_id": info.connection_id, "b_at": at, "b_code": code, "b_reason": reason},
@@ -686,7 +804,7 @@ class Registry:
                 session,
                 state=SessionState.CANCELLED,
                 ended_at=at,
-                end_reason=REASON_UNLINKED,
+                end_reason=closes.SESSION_UNLINKED,
                 kind=AuditKind.SESSION_ENDED,
                 at=at,
             )
@@ -840,19 +958,46 @@ class Registry:
             state=SessionState.ACTIVE,
             created_at=existing.created_at if existing else at,
         )
+        first = self.journal.last_sequence + 1
         sequence = self._set_session(session, kind=AuditKind.SESSION_OPENED, at=at)
         if owner_id != executor_id:
             sequence = self._bind(LinkRole.CONSTELLATION, owner_id, session_id) or sequence
         sequence = self._bind(LinkRole.DEVICE, executor_id, session_id) or sequence
+        opening = range(first, self.journal.last_sequence + 1)
         try:
             await self.journal.wait(sequence)
         except BaseException:
             # Not durable in time (the caller timed out or was cancelled): the session will
-            # not run, so it ends here, unless it has been taken over meanwhile.
-            if self._live.sessions.get(session_id) is session:
-                self._end(session_id, SessionState.FAILED, REASON_NOT_DURABLE)
+            # not run.
+            self._withdraw_session(session, opening, was_live=existing is not None)
             raise
         return session
+
+    def _withdraw_session(
+        self, session: SessionInfo, opening: Sequence[int], *, was_live: bool
+    ) -> None:
+        """Undo the opening of ``session`` (the operations ``opening``), which was not durable
+        in time, unless the session has been taken over meanwhile.
+
+        A session new to this node is forgotten and none of its opening is ever written,
+        unless that was committed meanwhile; then (and for a session that was live before
+        this opening) it ends ``failed`` (reason ``store_unavailable``).
+        """
+        session_id = session.session_id
+
+        def end() -> None:
+            if self._live.sessions.get(session_id) is session:
+                self._end(session_id, SessionState.FAILED, closes.SESSION_NOT_DURABLE)
+
+        def forget() -> None:
+            if self._live.sessions.get(session_id) is session:
+                self._live.unbind_session(session_id)
+                del self._live.sessions[session_id]
+
+        if was_live:
+            end()
+        else:
+            self.journal.retract(opening, committed=end, dropped=forget)
 
     async def end_session(
         self, session_id: str, state: SessionState | str, reason: str | None = None
@@ -872,15 +1017,15 @@ class Registry:
 
     def _set_device_info(self, device_id: str, device_info: dict[str, Any]) -> int | None:
         device_id = require_id("device_id", device_id)
-        document = require_document("device_info", device_info)
+        document = require_document("device_info", device_info, cap=self._device_info_cap)
         self._check_open()
         digest = hashlib.sha256(document.encode()).hexdigest()
         cached = self._live.device_info.get(device_id)
         if cached is not None and cached.digest == digest:
             return None
-        self._live.device_info[device_id] = DeviceInfoEntry(document, digest)
+        entry = self._live.device_info[device_id] = DeviceInfoEntry(document, digest)
         at = datetime.now(UTC)
-        self._append(
+        first = self._append(
             Op.DEVICE_INFO,
             {
                 "device_id": device_id,
@@ -888,8 +1033,19 @@ class Registry:
                 "digest": digest,
                 "info": json.loads(document),
             },
+            len(document),
         )
-        return self._audit(AuditKind.DEVICE_INFO_CHANGED, at, client_id=device_id, digest=digest)
+        sequence = self._audit(
+            AuditKind.DEVICE_INFO_CHANGED, at, client_id=device_id, digest=digest
+        )
+        registration = self._registrations.get(device_id)
+        if registration is not None and not self.journal.is_committed(registration.sequences[-1]):
+            # Set along with a registration not yet durable: withdrawn with it, if it is.
+            registration.sequences.extend((first, sequence))
+            if registration.device_info is None:
+                registration.replaced_device_info = cached
+            registration.device_info = entry
+        return sequence
 
     def get_device_info(self, device_id: str) -> dict[str, Any] | None:
         """A copy of a device's cached information, or None."""

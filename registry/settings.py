@@ -11,9 +11,10 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from registry.journal import DEFAULT_LIMIT
+from registry.journal import DEFAULT_LIMIT, DEFAULT_LIMIT_BYTES
 from registry.store.dialect import DEFAULT_URL, is_sqlite, parse_url
 from registry.types import DuplicatePolicy
+from registry.validation import DEFAULT_MAX_DEVICE_INFO_BYTES, DEFAULT_MAX_METADATA_BYTES
 
 LOOPBACK_HOST_NAMES = ["localhost", "127.0.0.1", "::1", "[::1]"]
 
@@ -76,6 +77,25 @@ class Settings(BaseSettings):
         gt=0,
         description="Operations waiting for the store at which registrations and new tasks "
         "are refused at once (4503) instead of queueing more history in memory.",
+    )
+    journal_limit_bytes: int = Field(
+        default=DEFAULT_LIMIT_BYTES,
+        gt=0,
+        description="Bytes held by the operations waiting for the store (the JSON size of "
+        "their documents plus 600 each) at which registrations and new tasks are refused at "
+        "once, like journal_limit.",
+    )
+    max_metadata_bytes: int = Field(
+        default=DEFAULT_MAX_METADATA_BYTES,
+        gt=0,
+        description="Largest registration metadata (as JSON, system_info included); a larger "
+        "registration is refused with 4400.",
+    )
+    max_device_info_bytes: int = Field(
+        default=DEFAULT_MAX_DEVICE_INFO_BYTES,
+        gt=0,
+        description="Largest device info (system_info, as JSON); a larger registration is "
+        "refused with 4400.",
     )
     ping_interval: float = Field(default=20.0, gt=0)
     ping_timeout: float = Field(default=20.0, gt=0)

@@ -16,6 +16,9 @@ from registry.errors import InvalidArgumentError
 from registry.types import ClientType
 
 MAX_ID_LENGTH = 255
+#: Default caps on a client's metadata and a device's info, as canonical JSON.
+DEFAULT_MAX_METADATA_BYTES = 64 * 1024
+DEFAULT_MAX_DEVICE_INFO_BYTES = 256 * 1024
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
 #: What an id must not contain: ``/`` (a path separator) and control characters (C0, DEL, C1).
@@ -118,11 +121,18 @@ def document_problem(value: Any) -> str | None:
     return None
 
 
-def require_document(argument: str, value: object) -> str:
+def require_document(argument: str, value: object, *, cap: tuple[str, int] | None = None) -> str:
+    """``value`` (a dict) as canonical JSON, checked to be storable on every backend and, with
+    ``cap`` (the setting's name, its bytes), to be at most that long."""
     if not isinstance(value, dict):
         raise InvalidArgumentError(argument, f"must be a dict, not {type(value).__name__}")
     try:
         document = canonical_json(value, argument)
+        if cap is not None and len(document) > cap[1]:  # canonical JSON is ASCII: 1 byte/char
+            raise InvalidArgumentError(
+                argument,
+                f"is {len(document):,} bytes as JSON, over the limit of {cap[1]:,} ({cap[0]})",
+            )
         # Canonical JSON is ASCII: NUL and surrogates can only appear as \u escapes.
         if "\\u0000" in document or "\\ud" in document:
             problem = document_problem(json.loads(document))

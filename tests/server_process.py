@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -38,9 +38,11 @@ def free_port() -> int:
         return port
 
 
-def environment() -> dict[str, str]:
-    """The environment of every server subprocess (see the module docstring)."""
+def environment(settings: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of every server subprocess (see the module docstring), plus
+    ``settings`` (``REGISTRY_*`` variables of the caller's choosing)."""
     variables = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+    variables |= settings or {}
     variables["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), *filter(None, [variables.get("PYTHONPATH")])]
     )
@@ -91,6 +93,7 @@ class ServerProcess:
         *,
         name: str = "registry serve",
         cwd: Path = ROOT,
+        variables: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         self.port = port
@@ -100,7 +103,7 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 list(command),
                 cwd=cwd,
-                env=environment(),
+                env=environment(variables),
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,

@@ -433,7 +433,8 @@ class Serve(ServerProcess):
     :mod:`tests.server_process`), its output appended to ``log``. ``api_key`` is the key it is
     started with (None: ``--no-auth``); ``auth`` replaces those authentication options (then
     set ``api_key`` to the key the server will use); ``options`` are added to the command
-    line. Always reap it with :meth:`~tests.server_process.ServerProcess.stop`."""
+    line; ``settings`` are passed as ``REGISTRY_*`` variables. Always reap it with
+    :meth:`~tests.server_process.ServerProcess.stop`."""
 
     def __init__(
         self,
@@ -445,12 +446,16 @@ class Serve(ServerProcess):
         log_level: str = "warning",
         auth: Sequence[str] | None = None,
         options: Sequence[str] = (),
+        settings: dict[str, Any] | None = None,
     ) -> None:
         self.api_key = api_key
         command = serve_command(
             database_url, port, api_key=api_key, log_level=log_level, auth=auth, options=options
         )
-        super().__init__(command, port, log)
+        variables = {
+            f"REGISTRY_{name.upper()}": str(value) for name, value in (settings or {}).items()
+        }
+        super().__init__(command, port, log, variables=variables)
 
     def output(self) -> str:
         """What the process printed so far (and whatever else ``log`` held before)."""

@@ -164,7 +164,8 @@ def create_router() -> APIRouter:
     )
     async def health(registry: RegistryDep) -> dict[str, Any] | JSONResponse:
         """``healthy`` while the store keeps up; ``degraded`` (503) while commits fail or stall
-        or the journal is full, with the reason and the journal's depth and limit."""
+        or the journal is full, with the reason and the journal's depth and limit, in
+        operations and in bytes."""
         journal = registry.journal
         fault = journal.fault()
         if fault is not None:
@@ -175,6 +176,8 @@ def create_router() -> APIRouter:
                     "error": fault,
                     "journal_depth": journal.depth,
                     "journal_limit": journal.limit,
+                    "journal_bytes": journal.depth_bytes,
+                    "journal_limit_bytes": journal.limit_bytes,
                     "online_clients": _online(registry),
                 },
             )

@@ -66,18 +66,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     logging.getLogger("uvicorn.error").addFilter(_CLIENT_FAULTS)  # a no-op when already added
     redaction.install()  # no credential in uvicorn's log lines
 
+    registry = Registry(
+        settings.database_url,
+        on_duplicate=settings.on_duplicate,
+        node_name=settings.node_name or f"{socket.gethostname()}:{settings.port}",
+        auto_migrate=settings.auto_migrate,
+        heartbeat_interval=settings.heartbeat_interval,
+        node_timeout=settings.node_timeout,
+        journal_limit=settings.journal_limit,
+        journal_limit_bytes=settings.journal_limit_bytes,
+        stall_timeout=settings.store_timeout,
+        max_metadata_bytes=settings.max_metadata_bytes,
+        max_device_info_bytes=settings.max_device_info_bytes,
+    )
+    # A SQLite database that another registry serves: refused here, before anything starts
+    # (``registry serve`` says so in one line); the lock taken by start() decides a race.
+    registry.ensure_free()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = Registry(
-            settings.database_url,
-            on_duplicate=settings.on_duplicate,
-            node_name=settings.node_name or f"{socket.gethostname()}:{settings.port}",
-            auto_migrate=settings.auto_migrate,
-            heartbeat_interval=settings.heartbeat_interval,
-            node_timeout=settings.node_timeout,
-            journal_limit=settings.journal_limit,
-            stall_timeout=settings.store_timeout,
-        )
         await registry.start()
         sessions = SessionManager(
             registry, runner, settings.command_timeout, settings.store_timeout

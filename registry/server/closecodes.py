@@ -6,7 +6,7 @@ the server (or uvicorn beneath it) sends.
 
 from __future__ import annotations
 
-from registry.registry import CODE_REPLACED
+from registry import closes
 
 NORMAL = 1000
 GOING_AWAY = 1001  # the server is shutting down
@@ -23,18 +23,9 @@ DUPLICATE_CLIENT = 4409  # the client id is already live
 SLOW_CONSUMER = 4410  # a send waited longer than send_timeout on a peer that does not read
 #: 4411: displaced by a newer registration of its client id (``on_duplicate=replace``, or a
 #: holder that did not answer its ping); the registry records the replaced row with it.
-REPLACED = CODE_REPLACED
+REPLACED = closes.REPLACED.code
 RATE_LIMITED = 4429  # frames arrived faster than max_frames_per_second, beyond frame_burst
 STORE_UNAVAILABLE = 4503  # the registration could not be made durable
 
 #: Disconnect reasons recorded for standard codes a client (or uvicorn) closes with.
-REASONS = {
-    NORMAL: "client_closed",
-    GOING_AWAY: "going_away",
-    1005: "client_closed",
-    1006: "connection_lost",
-    INVALID_PAYLOAD: "invalid_payload",
-    MESSAGE_TOO_BIG: "message_too_big",
-    INTERNAL_ERROR: "internal_error",
-    SERVICE_RESTART: "server_shutdown",
-}
+REASONS = closes.REASONS

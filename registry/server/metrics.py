@@ -46,6 +46,16 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily(
             "registry_journal_limit", "Journal depth at which new work is refused.", journal.limit
         )
+        yield GaugeMetricFamily(
+            "registry_journal_bytes",
+            "Bytes the queued operations hold (their documents' JSON size, 600 per operation).",
+            journal.depth_bytes,
+        )
+        yield GaugeMetricFamily(
+            "registry_journal_limit_bytes",
+            "Journal bytes at which new work is refused.",
+            journal.limit_bytes,
+        )
         refused = CounterMetricFamily(
             "registry_journal_refused",
             "Registrations and sessions refused because the journal was full.",
@@ -56,7 +66,8 @@ class _LiveCollector(Collector):
         yield refused
         yield GaugeMetricFamily(
             "registry_store_healthy",
-            "1 while the store keeps up; 0 while commits fail or stall or the journal is full.",
+            "1 while the store keeps up; 0 while commits fail or stall or the journal is full "
+            "(by operations or bytes).",
             0 if journal.fault() is not None else 1,
         )
 

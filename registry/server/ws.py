@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from registry import closes
 from registry.errors import (
     DuplicateClientError,
     InvalidArgumentError,
@@ -36,7 +37,7 @@ from registry.errors import (
     SessionOwnershipError,
     StoreUnavailableError,
 )
-from registry.registry import REASON_REPLACED, Registry
+from registry.registry import Registry
 from registry.server import closecodes
 from registry.server.durability import settle
 from registry.server.peer import Closed, Peer, PeerState, ServerShutdown
@@ -268,7 +269,7 @@ class Endpoint:
             connection.left_behind = self._left_behind(connection)
         # Not answering pings, it may not take a close frame either: do not wait long for it.
         await peer.close(
-            closecodes.REPLACED, REASON_REPLACED, within=self._settings.twin_ping_timeout
+            closecodes.REPLACED, closes.REPLACED.reason, within=self._settings.twin_ping_timeout
         )
 
     async def _handshake(self, peer: Peer) -> _Connection:
@@ -332,8 +333,7 @@ class Endpoint:
                 client_id,
                 self._settings.store_timeout,
             )
-            if self._registry.get_client(client_id) is peer:
-                self._registry.remove_client(client_id, reason="store_unavailable")
+            self._registry.withdraw_client(client_id, peer)  # refused: never written
             await peer.send_first(error(STORE_BEHIND))
             raise Closed(closecodes.STORE_UNAVAILABLE, "store_unavailable") from None
         except JournalFullError as exc:
@@ -344,13 +344,8 @@ class Endpoint:
             await peer.send_first(error(str(exc)))
             raise Closed(closecodes.DUPLICATE_CLIENT, "duplicate_client") from None
         except InvalidArgumentError as exc:
-            if self._registry.get_client(client_id) is peer:
-                self._registry.remove_client(client_id, reason="invalid_registration")
-                await settle(
-                    self._registry,
-                    self._settings.store_timeout,
-                    f"the refused registration of {client_id}",
-                )
+            # Added, then its device info refused: neither is ever written.
+            self._registry.withdraw_client(client_id, peer, reason="invalid_registration")
             await peer.send_first(error(f"Invalid registration: {exc}"))
             raise Closed(closecodes.INVALID_REGISTRATION, "invalid_registration") from None
         if peer.closed_by_server is not None:

@@ -376,7 +376,8 @@ async def test_unreachable_postgresql_is_a_clear_error() -> None:
 async def test_sqlite_in_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "no" / "such" / "dir"
     error = await _refused_start(f"sqlite+aiosqlite:///{missing / 'registry.db'}")
-    assert "unable to open database file" in str(error)
+    # Its lock file, beside it, is the first thing start() opens.
+    assert f"No such file or directory: '{missing / 'registry.db.lock'}'" in str(error)
     assert not (tmp_path / "no").exists()
 
 

@@ -946,10 +946,10 @@ async def test_mutations_on_a_registry_not_started_raise(database_url: str) -> N
 
 async def test_another_live_node_on_the_same_host_is_left_alone(database_url: str) -> None:
     """Default node names are unique per process, so starting a second registry on the same
-    host must not take the first one's live connections for a crashed run's leftovers (on
-    SQLite, one node per file, an unstopped run is always taken as gone)."""
+    host must not take the first one's live connections for a crashed run's leftovers (a
+    SQLite file has one registry: a second is refused, see test_one_registry.py)."""
     if database_url.startswith("sqlite"):
-        pytest.skip("SQLite is single-node: every unstopped run is taken as gone")
+        pytest.skip("SQLite has one registry: a second is refused (test_one_registry.py)")
     async with Registry(database_url) as first:
         first.add_client("d1", "linux", object(), ClientType.DEVICE)
         await first.flush()

@@ -49,7 +49,8 @@ async def test_full_journal_refuses_new_work_and_keeps_ends(database_url: str) -
             registry.add_client("late", "linux", object(), ClientType.DEVICE)
         message = str(refused.value)
         assert message.startswith("registration refused:"), message
-        assert f"{depth} operations are waiting for the store (journal limit 10)" in message
+        assert f"{depth} operations holding" in message, message
+        assert "(journal limits 10 operations, 64.0 MiB)" in message, message
         assert isinstance(refused.value, StoreError)
         assert not registry.is_online("late")
         assert registry.journal.depth == depth  # a refusal queues nothing

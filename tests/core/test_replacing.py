@@ -9,7 +9,7 @@ import pytest
 
 from registry import ClientType, DuplicateClientError, Registry
 from registry.audit import AuditKind
-from registry.registry import CODE_REPLACED
+from registry.closes import REPLACED
 
 
 async def _closings(reg: Registry, client_id: str) -> dict[str, tuple[int | None, str | None]]:
@@ -40,10 +40,10 @@ async def test_replacing_displaces_exactly_the_named_websocket(registry: Registr
         registry.add_client("d1", "linux", stranger, ClientType.DEVICE, replacing=first)
     assert registry.get_client("d1") is second
 
-    assert await _closings(registry, "d1") == {held.connection_id: (CODE_REPLACED, "replaced")}
+    assert await _closings(registry, "d1") == {held.connection_id: (REPLACED.code, "replaced")}
     page = await registry.history.audit(kind=AuditKind.CLIENT_REPLACED, client_id="d1")
     assert [(e.details["connection_id"], e.details["code"]) for e in page.items] == [
-        (held.connection_id, CODE_REPLACED)
+        (held.connection_id, REPLACED.code)
     ]
     # Naming a websocket for an id nobody holds just registers it.
     registry.add_client("d2", "linux", stranger, ClientType.DEVICE, replacing=first)
@@ -57,4 +57,4 @@ async def test_the_replace_policy_records_the_same_code(database_url: str) -> No
         held = reg.get_client_info("d1")
         assert held is not None
         await reg.add_client_durable("d1", "linux", object(), ClientType.DEVICE)
-        assert await _closings(reg, "d1") == {held.connection_id: (CODE_REPLACED, "replaced")}
+        assert await _closings(reg, "d1") == {held.connection_id: (REPLACED.code, "replaced")}
