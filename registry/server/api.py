@@ -1,7 +1,8 @@
 """The HTTP API that existing tools expect (docs/protocol.md), under ``/api``.
 
-Every route answers from memory, none waits on a client, and only ``/api/dispatch`` waits on
-the database: it records the dispatched session before it answers (at most ``store_timeout``).
+Every route answers from memory except ``/api/dispatch``, the one that waits: it records the
+dispatched session before it answers (at most ``store_timeout``), then sends the device its
+``task`` frame (at most ``send_timeout``, the bound of every send to a client).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pydantic import AfterValidator, BaseModel
 
 from registry.errors import InvalidArgumentError, StoreUnavailableError
 from registry.registry import Registry
+from registry.server.aip import STORE_BEHIND, sanitise_task_name
+from registry.server.apikey import token_matches
 from registry.server.sessions import SessionManager
-from registry.server.ws import STORE_BEHIND, sanitise_task_name, token_matches
 from registry.types import ClientType
 from registry.validation import storable_text
 

@@ -1,6 +1,7 @@
-"""The API key ``registry serve`` keeps when none is given: generated on the first start,
-written to an owner-only file (:meth:`registry.settings.Settings.key_file`) and read again on
-every later start, so that clients keep their key across restarts."""
+"""The API key: how a client presents it and how it is checked, and the key ``registry serve``
+keeps when none is given: generated on the first start, written to an owner-only file
+(:meth:`registry.settings.Settings.key_file`) and read again on every later start, so that
+clients keep their key across restarts."""
 
 from __future__ import annotations
 
@@ -8,10 +9,32 @@ import os
 import secrets
 from pathlib import Path
 
+from starlette.requests import HTTPConnection
+
 from registry.errors import RegistryError
 
 #: Random bytes in a generated key (43 URL-safe characters).
 KEY_BYTES = 32
+
+
+def presented_key(connection: HTTPConnection) -> str | None:
+    """The key a client presents at the handshake: its ``X-API-Key`` header, else its
+    ``Authorization: Bearer`` header, else the ``token`` query parameter (UFO's clients)."""
+    headers = connection.headers
+    key = headers.get("x-api-key")
+    if key is not None:
+        return key
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return credentials.strip()
+    return connection.query_params.get("token")
+
+
+def token_matches(given: str | None, expected: str | None) -> bool:
+    """Constant-time check of a presented key; anything goes when no key is configured."""
+    if expected is None:
+        return True
+    return given is not None and secrets.compare_digest(given.encode(), expected.encode())
 
 
 class KeyFileError(RegistryError):

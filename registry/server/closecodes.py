@@ -1,4 +1,5 @@
-"""WebSocket close codes the server uses, all in one place.
+"""WebSocket close codes the server uses, as ints (the values of :mod:`registry.closes`,
+which spells each code and reason once; 1008 is the one code no connection record keeps).
 
 Codes in the 4000-4999 band are the application's own; the others are the standard ones that
 the server (or uvicorn beneath it) sends.
@@ -8,24 +9,22 @@ from __future__ import annotations
 
 from registry import closes
 
-NORMAL = 1000
-GOING_AWAY = 1001  # the server is shutting down
-INVALID_PAYLOAD = 1007  # a text frame that is not valid UTF-8 (sent by uvicorn)
+NORMAL = closes.CLIENT_CLOSED.code
+GOING_AWAY = closes.GOING_AWAY.code
+INVALID_PAYLOAD = closes.INVALID_PAYLOAD.code  # a text frame that is not valid UTF-8 (uvicorn)
 POLICY_VIOLATION = 1008  # refused before accept: the handshake answers HTTP 403
-MESSAGE_TOO_BIG = 1009  # a frame over max_frame_bytes (sent by uvicorn)
-INTERNAL_ERROR = 1011
-SERVICE_RESTART = 1012  # uvicorn's close on shutdown
+MESSAGE_TOO_BIG = closes.MESSAGE_TOO_BIG.code  # a frame over max_frame_bytes (uvicorn)
+INTERNAL_ERROR = closes.INTERNAL_ERROR.code
+SERVICE_RESTART = closes.SERVER_SHUTDOWN.code  # uvicorn's close on shutdown
 
-INVALID_REGISTRATION = 4400  # the first frame was not a valid register frame
-TARGET_NOT_CONNECTED = 4404  # a constellation's target device is not connected
-IDLE_TIMEOUT = 4408  # no frame within idle_timeout (or handshake_timeout)
-DUPLICATE_CLIENT = 4409  # the client id is already live
-SLOW_CONSUMER = 4410  # a send waited longer than send_timeout on a peer that does not read
-#: 4411: displaced by a newer registration of its client id (``on_duplicate=replace``, or a
-#: holder that did not answer its ping); the registry records the replaced row with it.
+INVALID_REGISTRATION = closes.INVALID_REGISTRATION.code
+TARGET_NOT_CONNECTED = closes.TARGET_NOT_CONNECTED.code
+IDLE_TIMEOUT = closes.IDLE_TIMEOUT.code
+DUPLICATE_CLIENT = closes.DUPLICATE_CLIENT.code
+SLOW_CONSUMER = closes.SLOW_CONSUMER.code
 REPLACED = closes.REPLACED.code
-RATE_LIMITED = 4429  # frames arrived faster than max_frames_per_second, beyond frame_burst
-STORE_UNAVAILABLE = 4503  # the registration could not be made durable
+RATE_LIMITED = closes.RATE_LIMITED.code
+STORE_UNAVAILABLE = closes.STORE_UNAVAILABLE.code
 
 #: Disconnect reasons recorded for standard codes a client (or uvicorn) closes with.
 REASONS = closes.REASONS

@@ -25,7 +25,8 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import Frame
 from websockets.http11 import Request
 
-from registry.server import closecodes
+from registry import closes
+from registry.closes import Close
 from registry.server.protocol import ServerMessage
 from registry.server.tokenbucket import TokenBucket
 
@@ -75,20 +76,19 @@ class PingingWebSocketProtocol(WebSocketsSansIOProtocol):
 
 
 class Closed(Exception):
-    """The server closes (or has closed) the connection on purpose; ``code``/``reason`` are
-    what its disconnect record says."""
+    """The server closes (or has closed) the connection on purpose, as ``close`` says (the
+    close frame's code and reason, and its disconnect record's)."""
 
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+    def __init__(self, close: Close) -> None:
+        super().__init__(close.reason)
+        self.close = close
 
 
 class ServerShutdown(WebSocketDisconnect):
     """The server (uvicorn) is shutting down and closed the connection itself."""
 
     def __init__(self) -> None:
-        super().__init__(closecodes.SERVICE_RESTART, closecodes.REASONS[closecodes.SERVICE_RESTART])
+        super().__init__(closes.SERVER_SHUTDOWN.code, closes.SERVER_SHUTDOWN.reason)
 
 
 class PeerState(enum.Enum):
@@ -117,7 +117,7 @@ class Peer:
     """Sends to and receives from one WebSocket, one frame at a time.
 
     A send that waits longer than ``send_timeout`` (a peer that does not read) gives the peer
-    up as :data:`~registry.server.closecodes.SLOW_CONSUMER` instead of blocking the sender or
+    up as :data:`~registry.closes.SLOW_CONSUMER` instead of blocking the sender or
     buffering without bound: no close frame (it would wait behind the unread data), but the
     connection's handler is cancelled, so the client is removed and its record closed at once;
     the kernel then drops the TCP connection (:mod:`registry.server.listen`).
@@ -151,7 +151,7 @@ class Peer:
         #: Set once the state leaves HANDSHAKE: what gated senders wait for.
         self._past_handshake = asyncio.Event()
         #: Why the server closed it (set with the first move to CLOSED or ABANDONED).
-        self.closed_by_server: tuple[int, str] | None = None
+        self.closed_by_server: Close | None = None
         #: The task serving this connection (the one that made the peer), until it finishes:
         #: the one to cancel when the peer is abandoned.
         self._handler: asyncio.Task[Any] | None = asyncio.current_task()
@@ -177,7 +177,7 @@ class Peer:
         on shutdown, otherwise the client's own code and reason. Idle peers are closed by the
         endpoint's sweeper, which makes this raise too."""
         if self.state is PeerState.ABANDONED:  # given up by a send of this very task
-            raise Closed(closecodes.SLOW_CONSUMER, "slow_consumer")
+            raise Closed(closes.SLOW_CONSUMER)
         message = await self.websocket.receive()
         now = asyncio.get_running_loop().time()
         within_rate = self._bucket.take(now)
@@ -186,9 +186,9 @@ class Peer:
             raise _disconnect(message)
         if self.closed_by_server is not None:
             # Closed by the server meanwhile (replaced, idle): what the peer still sent is moot.
-            raise Closed(*self.closed_by_server)
+            raise Closed(self.closed_by_server)
         if not within_rate:
-            raise Closed(closecodes.RATE_LIMITED, "rate_limited")
+            raise Closed(closes.RATE_LIMITED)
         text: str | None = message.get("text")
         return text
 
@@ -266,17 +266,17 @@ class Peer:
         logger.warning("giving up a peer that has not read for %gs", self._send_timeout)
         self._become(PeerState.ABANDONED)
         if self.closed_by_server is None:
-            self.closed_by_server = (closecodes.SLOW_CONSUMER, "slow_consumer")
+            self.closed_by_server = closes.SLOW_CONSUMER
         handler = self._handler
         if handler is not None and handler is not asyncio.current_task():
             handler.cancel()  # the handler itself finds ABANDONED before it next reads
 
-    async def close(self, code: int, reason: str, *, within: float | None = None) -> None:
+    async def close(self, close: Close, *, within: float | None = None) -> None:
         """Close the connection (once) and remember why, for the disconnect record. A close
         frame the peer does not take ``within`` seconds (default ``send_timeout``) gives the
         peer up (as a send does), keeping this reason."""
         if self.closed_by_server is None:
-            self.closed_by_server = (code, reason)
+            self.closed_by_server = close
         if self.state is PeerState.ABANDONED:
             return  # a close frame would wait behind what the peer does not read
         if self.state is not PeerState.CLOSED:
@@ -284,7 +284,7 @@ class Peer:
         if self.websocket.application_state is WebSocketState.CONNECTED:
             try:
                 async with asyncio.timeout(within or self._send_timeout):
-                    await self.websocket.close(code=code, reason=reason)
+                    await self.websocket.close(code=close.code, reason=close.reason)
             except TimeoutError:
                 self._abandon()  # the close frame is stuck behind unread data
             except (RuntimeError, OSError, WebSocketDisconnect) as exc:
@@ -297,11 +297,11 @@ def _disconnect(message: MutableMapping[str, Any]) -> WebSocketDisconnect:
     uvicorn's own disconnect events carry no "reason" key; a client's close frame always does
     (possibly ""). Without one, 1005 is a connection lost without a close frame (recorded as
     1006), and 1012 is uvicorn closing it on shutdown."""
-    code: int = message.get("code", closecodes.NORMAL)
+    code: int = message.get("code", closes.CLIENT_CLOSED.code)
     if "reason" not in message:
         if code == 1005:
-            return WebSocketDisconnect(1006, closecodes.REASONS[1006])
-        if code == closecodes.SERVICE_RESTART:
+            return WebSocketDisconnect(closes.CONNECTION_LOST.code, closes.CONNECTION_LOST.reason)
+        if code == closes.SERVER_SHUTDOWN.code:
             return ServerShutdown()
     reason: str | None = message.get("reason")
     # The reason is the client's text: keep it storable (PostgreSQL refuses NUL).

@@ -452,23 +452,21 @@ class SessionManager:
         """The running sessions ``owner_id`` requested."""
         return list(self._owned.get(owner_id, ()))
 
-    async def executor_left(self, device_id: str, session_ids: Iterable[str] | None = None) -> None:
-        """Fail every session ``device_id`` was executing (or those of ``session_ids``); tell
-        each requester."""
+    async def executor_left(self, device_id: str, session_ids: Iterable[str]) -> None:
+        """Fail the sessions of ``session_ids`` that ``device_id`` is executing; tell each
+        requester."""
         outcome = SessionOutcome(TaskStatus.FAILED, error=DEVICE_DISCONNECTED)
         await self._abort(
             [
                 _Ending(context, outcome, SessionState.FAILED, notify_executor=False)
-                for session_id in (
-                    self.executing(device_id) if session_ids is None else session_ids
-                )
+                for session_id in session_ids
                 if (context := self._contexts.get(session_id)) is not None
                 and context.executor_id == device_id
             ]
         )
 
-    async def owner_left(self, owner_id: str, session_ids: Iterable[str] | None = None) -> None:
-        """Cancel every session ``owner_id`` requested (or those of ``session_ids``); tell the
+    async def owner_left(self, owner_id: str, session_ids: Iterable[str]) -> None:
+        """Cancel the sessions of ``session_ids`` that ``owner_id`` requested; tell the
         executing devices."""
         outcome = SessionOutcome(TaskStatus.FAILED, error=REQUESTER_DISCONNECTED)
         await self._abort(
@@ -479,7 +477,7 @@ class SessionManager:
                     SessionState.CANCELLED,
                     notify_executor=context.from_constellation,
                 )
-                for session_id in (self.owned(owner_id) if session_ids is None else session_ids)
+                for session_id in session_ids
                 if (context := self._contexts.get(session_id)) is not None
                 and context.owner_id == owner_id  # else ended meanwhile
             ]

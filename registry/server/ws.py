@@ -1,4 +1,5 @@
-"""The ``/ws`` endpoint: docs/protocol.md's handshake, identity pinning and message handling.
+"""The ``/ws`` endpoint: the loop that ties a connection's transport (:mod:`.peer`) to the AIP
+rules (:mod:`.aip`) and the registry — receive, apply the rules, send or close, and clean up.
 
 Frames of one connection are handled in order, in its own receive loop; sessions run as tasks
 of the :class:`~registry.server.sessions.SessionManager`, at most ``max_sessions_per_client``
@@ -16,18 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import re
-import secrets
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import NoReturn
 
-from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from registry import closes
+from registry.closes import Disconnect
 from registry.errors import (
     DuplicateClientError,
     InvalidArgumentError,
@@ -38,15 +36,13 @@ from registry.errors import (
     StoreUnavailableError,
 )
 from registry.registry import Registry
-from registry.server import closecodes
+from registry.server import aip, closecodes
+from registry.server.apikey import presented_key, token_matches
 from registry.server.durability import settle
 from registry.server.peer import Closed, Peer, PeerState, ServerShutdown
 from registry.server.protocol import (
     ClientMessage,
     ClientMessageType,
-    ServerMessage,
-    ServerMessageType,
-    TaskStatus,
     ack,
     error,
     registration_ack,
@@ -57,78 +53,29 @@ from registry.types import ClientType, DuplicatePolicy
 
 logger = logging.getLogger(__name__)
 
-#: The error frame of a registration or task refused because the store is not keeping up
-#: (the details, which may name the database, go to the log, not to the client).
-STORE_BEHIND = (
-    "Refused: the server cannot record this now (its store is not keeping up); try again later"
+#: What a registration the registry refuses may raise (:func:`aip.registration_refused`).
+_REGISTRATION_REFUSALS = (
+    TimeoutError,
+    JournalFullError,
+    DuplicateClientError,
+    InvalidArgumentError,
 )
-_UNSAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
-_MESSAGE_TYPES = {kind.value for kind in ClientMessageType}
-
-
-def sanitise_task_name(name: str | None) -> str:
-    """``[A-Za-z0-9._-]`` only (others become ``_``), no leading dots; a uuid4 when empty."""
-    if not name:
-        return str(uuid.uuid4())
-    cleaned = _UNSAFE_NAME_CHARACTERS.sub("_", name).lstrip(".")
-    return cleaned or str(uuid.uuid4())
-
-
-def presented_key(websocket: WebSocket) -> str | None:
-    """The key a client presents at the handshake: its ``X-API-Key`` header, else its
-    ``Authorization: Bearer`` header, else the ``token`` query parameter (UFO's clients)."""
-    headers = websocket.headers
-    key = headers.get("x-api-key")
-    if key is not None:
-        return key
-    scheme, _, credentials = headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer":
-        return credentials.strip()
-    return websocket.query_params.get("token")
-
-
-def token_matches(given: str | None, expected: str | None) -> bool:
-    """Constant-time check of a presented key; anything goes when no key is configured."""
-    if expected is None:
-        return True
-    return given is not None and secrets.compare_digest(given.encode(), expected.encode())
+#: What opening a session may raise besides a bug (:func:`aip.task_refused`).
+_TASK_REFUSALS = (
+    SessionOwnershipError,
+    SessionFinishedError,
+    InvalidArgumentError,
+    TimeoutError,
+    StoreUnavailableError,
+)
 
 
 @dataclass(slots=True)
 class _Connection:
     peer: Peer
-    client_id: str
-    client_type: ClientType
-    target_id: str | None
+    identity: aip.Identity
     #: The sessions it executes and owns, taken when it was replaced: all that its end ends.
     left_behind: tuple[list[str], list[str]] | None = None
-
-
-def _parse(text: str) -> ClientMessage | str:
-    """A client frame, or the text of the error frame to answer it with."""
-    try:
-        return ClientMessage.model_validate_json(text)  # the fast path: one pass, in Rust
-    except ValidationError:
-        pass  # parse again, step by step, to say what is wrong
-    try:
-        raw: Any = json.loads(text)
-    except ValueError as exc:
-        return f"Invalid message: not valid JSON ({exc.args[0] if exc.args else exc})"
-    except RecursionError:
-        return "Invalid message: nested too deeply"
-    if not isinstance(raw, dict):
-        return "Invalid message: expected a JSON object"
-    kind = raw.get("type")
-    if isinstance(kind, str) and kind not in _MESSAGE_TYPES:
-        return f"Unknown message type: {kind}"
-    try:
-        return ClientMessage.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in problem['loc']) or 'message'}: {problem['msg']}"
-            for problem in exc.errors()[:5]
-        )
-        return f"Invalid message: {problems}"
 
 
 class Endpoint:
@@ -163,16 +110,14 @@ class Endpoint:
             deadline = loop.time() - idle
             stale = [peer for peer in self._peers if peer.last_heard < deadline]
             if stale:
-                await asyncio.gather(
-                    *(peer.close(closecodes.IDLE_TIMEOUT, "idle_timeout") for peer in stale)
-                )
+                await asyncio.gather(*(peer.close(closes.IDLE_TIMEOUT) for peer in stale))
 
     async def __call__(self, websocket: WebSocket) -> None:
-        if not token_matches(presented_key(websocket), self._settings.api_key):
+        settings = self._settings
+        if not token_matches(presented_key(websocket), settings.api_key):
             await websocket.close(code=closecodes.POLICY_VIOLATION)  # before accept: HTTP 403
             return
         await websocket.accept()
-        settings = self._settings
         peer = Peer(
             websocket,
             settings.send_timeout,
@@ -181,8 +126,7 @@ class Endpoint:
         )
         self._peers[peer] = None
         connection: _Connection | None = None
-        code: int | None = None
-        reason = "closed"
+        ended = Disconnect(None, "closed")
         shutdown = False
         try:
             try:
@@ -193,16 +137,15 @@ class Endpoint:
             finally:
                 peer.finished()  # from here on nothing cancels this task for being slow
         except WebSocketDisconnect as exc:
-            code = exc.code
-            reason = exc.reason or closecodes.REASONS.get(exc.code, "closed")
+            ended = Disconnect(exc.code, exc.reason or closes.REASONS.get(exc.code, "closed"))
             shutdown = isinstance(exc, ServerShutdown)
         except Closed as exc:
-            code, reason = exc.code, exc.reason
-            await peer.close(exc.code, exc.reason)
+            ended = exc.close
+            await peer.close(ended)
         except Exception:
             logger.exception("connection handler failed")
-            code, reason = closecodes.INTERNAL_ERROR, "internal_error"
-            await peer.close(code, reason)
+            ended = closes.INTERNAL_ERROR
+            await peer.close(ended)
         except asyncio.CancelledError:
             # Given up as a slow consumer (Peer cancelled this task): clean up below. Any
             # other cancellation (or one more besides) goes on.
@@ -213,18 +156,18 @@ class Endpoint:
             self._peers.pop(peer, None)
             peer.open_gate()  # senders waiting for the handshake find the socket closed
             if peer.closed_by_server is not None:
-                code, reason = peer.closed_by_server
+                ended = peer.closed_by_server
             if connection is not None:
-                await self._disconnected(connection, code, reason, keep_sessions=shutdown)
+                await self._disconnected(connection, ended, keep_sessions=shutdown)
 
     async def _disconnected(
-        self, connection: _Connection, code: int | None, reason: str, *, keep_sessions: bool
+        self, connection: _Connection, ended: Disconnect, *, keep_sessions: bool
     ) -> None:
         """Free the client id and end the sessions the connection leaves behind, unless the
         server is shutting down (``keep_sessions``): then closing the registry marks them
         ``interrupted``, and their owners hear of them when they reconnect after the restart
         (as after a crash), instead of never."""
-        client_id = connection.client_id
+        client_id = connection.identity.client_id
         # The sessions this connection leaves behind, taken before anything awaits (or when it
         # was replaced): a client reconnecting meanwhile starts sessions that are not this
         # connection's to end.
@@ -236,7 +179,7 @@ class Endpoint:
         # Free the id at once (docs/protocol.md: a quick reconnect is not refused); the disconnect
         # is made durable below, after the sessions have been ended.
         if self._registry.get_client(client_id) is connection.peer:
-            self._registry.remove_client(client_id, code=code, reason=reason)
+            self._registry.remove_client(client_id, code=ended.code, reason=ended.reason)
         try:
             await self._sessions.executor_left(client_id, executing)
             await self._sessions.owner_left(client_id, owned)
@@ -247,15 +190,15 @@ class Endpoint:
                     self._settings.store_timeout,
                     f"the disconnect of {client_id}",
                 )
-            logger.info("client %s disconnected (%s, %s)", client_id, code, reason)
+            logger.info("client %s disconnected (%s, %s)", client_id, ended.code, ended.reason)
 
     def _left_behind(self, connection: _Connection) -> tuple[list[str], list[str]]:
         """The running sessions a connection would leave behind if it ended now: those it
         executes (a device) and those it owns."""
-        client_id = connection.client_id
+        client_id = connection.identity.client_id
         executing = (
             self._sessions.executing(client_id)
-            if connection.client_type is ClientType.DEVICE
+            if connection.identity.client_type is ClientType.DEVICE
             else []
         )
         return executing, self._sessions.owned(client_id)
@@ -268,55 +211,47 @@ class Endpoint:
         if connection is not None:
             connection.left_behind = self._left_behind(connection)
         # Not answering pings, it may not take a close frame either: do not wait long for it.
-        await peer.close(
-            closecodes.REPLACED, closes.REPLACED.reason, within=self._settings.twin_ping_timeout
-        )
+        await peer.close(closes.REPLACED, within=self._settings.twin_ping_timeout)
 
     async def _handshake(self, peer: Peer) -> _Connection:
+        """The registration: its first frame checked by the rules, then recorded (durable
+        before it is acknowledged); raises :class:`Closed` when refused."""
         try:
             async with asyncio.timeout(self._settings.handshake_timeout):
                 text = await peer.receive()
         except TimeoutError:
-            raise Closed(closecodes.IDLE_TIMEOUT, "idle_timeout") from None
-        if text is None:
-            raise Closed(closecodes.INVALID_REGISTRATION, "binary_registration")
-        parsed = _parse(text)
-        if isinstance(parsed, str):
-            await peer.send_first(error(parsed))
-            raise Closed(closecodes.INVALID_REGISTRATION, "invalid_registration")
-        if parsed.type is not ClientMessageType.REGISTER:
-            await peer.send_first(error("First message must be a register message"))
-            raise Closed(closecodes.INVALID_REGISTRATION, "invalid_registration")
-        if not parsed.client_id:
-            await peer.send_first(error("Client ID is required for WebSocket registration"))
-            raise Closed(closecodes.INVALID_REGISTRATION, "invalid_registration")
-        client_id, client_type = parsed.client_id, parsed.client_type
-        metadata = parsed.metadata or {}
-        platform = metadata.get("platform") or "windows"
-        target = parsed.target_id
-        if (
-            client_type is ClientType.CONSTELLATION
-            and target
-            and not self._registry.is_device_connected(target)
-        ):
-            await peer.send_first(error(f"Target device '{target}' is not connected"))
-            raise Closed(closecodes.TARGET_NOT_CONNECTED, "target_not_connected")
+            raise Closed(closes.IDLE_TIMEOUT) from None
+        registration = aip.registration(text, self._registry.is_device_connected)
+        if isinstance(registration, aip.Refusal):
+            await _refuse(peer, registration)
+        refusal = await self._register(peer, registration)
+        if refusal is not None:
+            await _refuse(peer, refusal)
+        if peer.closed_by_server is not None:
+            # Replaced by a newer registration while this one was committed: it never starts.
+            raise Closed(peer.closed_by_server)
+        return _Connection(peer, registration.identity)
+
+    async def _register(self, peer: Peer, registration: aip.Registration) -> aip.Refusal | None:
+        """Record ``registration`` on ``peer`` and wait until it is durable, replacing the
+        holder of its client id if the policy says so; the refusal if the registry refused."""
+        identity = registration.identity
+        client_id = identity.client_id
         client = peer.websocket.client
         replacing = await self._unresponsive_holder(client_id)
         try:
             holder = self._registry.get_client(client_id)  # replaced if add_client succeeds
             self._registry.add_client(
                 client_id,
-                platform if isinstance(platform, str) else str(platform),
+                registration.platform,
                 peer,
-                client_type,
-                metadata,
+                identity.client_type,
+                registration.metadata,
                 remote_address=f"{client.host}:{client.port}" if client else None,
                 replacing=replacing,
             )
-            system_info = metadata.get("system_info")
-            if client_type is ClientType.DEVICE and isinstance(system_info, dict):
-                self._registry.set_device_info(client_id, system_info)
+            if registration.system_info is not None:
+                self._registry.set_device_info(client_id, registration.system_info)
             if isinstance(holder, Peer):
                 logger.warning(
                     "client %s registered again: its earlier connection is replaced (%s)",
@@ -327,31 +262,27 @@ class Endpoint:
             # One wait for both writes: the registration is durable before it is acknowledged.
             async with asyncio.timeout(self._settings.store_timeout):
                 await self._registry.flush()
-        except TimeoutError:
+        except _REGISTRATION_REFUSALS as exc:
+            self._withdraw(peer, client_id, exc)
+            return aip.registration_refused(exc)
+        return None
+
+    def _withdraw(self, peer: Peer, client_id: str, refused: Exception) -> None:
+        """Undo what a refused registration left (never written) and log why it was refused."""
+        if isinstance(refused, TimeoutError):
             logger.warning(
                 "registration of %s refused: not durable within %gs",
                 client_id,
                 self._settings.store_timeout,
             )
             self._registry.withdraw_client(client_id, peer)  # refused: never written
-            await peer.send_first(error(STORE_BEHIND))
-            raise Closed(closecodes.STORE_UNAVAILABLE, "store_unavailable") from None
-        except JournalFullError as exc:
-            logger.warning("client %s: %s", client_id, exc)
-            await peer.send_first(error(STORE_BEHIND))
-            raise Closed(closecodes.STORE_UNAVAILABLE, "journal_full") from None
-        except DuplicateClientError as exc:
-            await peer.send_first(error(str(exc)))
-            raise Closed(closecodes.DUPLICATE_CLIENT, "duplicate_client") from None
-        except InvalidArgumentError as exc:
+        elif isinstance(refused, JournalFullError):
+            logger.warning("client %s: %s", client_id, refused)
+        elif isinstance(refused, InvalidArgumentError):
             # Added, then its device info refused: neither is ever written.
-            self._registry.withdraw_client(client_id, peer, reason="invalid_registration")
-            await peer.send_first(error(f"Invalid registration: {exc}"))
-            raise Closed(closecodes.INVALID_REGISTRATION, "invalid_registration") from None
-        if peer.closed_by_server is not None:
-            # Replaced by a newer registration while this one was committed: it never starts.
-            raise Closed(*peer.closed_by_server)
-        return _Connection(peer, client_id, client_type, parsed.target_id)
+            self._registry.withdraw_client(
+                client_id, peer, reason=closes.INVALID_REGISTRATION.reason
+            )
 
     async def _unresponsive_holder(self, client_id: str) -> Peer | None:
         """The connection holding ``client_id`` if it does not answer a ping within
@@ -367,11 +298,11 @@ class Endpoint:
         """Acknowledge a registration (the first frame the client gets after ``register``),
         then hand the client's interrupted sessions to the runner."""
         if not await connection.peer.send_first(registration_ack(), open_gate=True):
-            raise WebSocketDisconnect(1006, "connection_lost")
-        logger.info(
-            "client %s registered as %s", connection.client_id, connection.client_type.value
-        )
-        await self._sessions.resume_interrupted(connection.client_id)
+            lost = closes.CONNECTION_LOST
+            raise WebSocketDisconnect(lost.code, lost.reason)
+        identity = connection.identity
+        logger.info("client %s registered as %s", identity.client_id, identity.client_type.value)
+        await self._sessions.resume_interrupted(identity.client_id)
 
     async def _serve(self, connection: _Connection) -> None:
         peer = connection.peer
@@ -380,94 +311,43 @@ class Endpoint:
             if text is None:
                 await peer.send(error("Binary frames are not supported; send JSON text frames"))
                 continue
-            parsed = _parse(text)
+            parsed = aip.parse(text)
             if isinstance(parsed, str):
                 await peer.send(error(parsed))
                 continue
             await self._handle(connection, parsed)
 
     async def _handle(self, connection: _Connection, message: ClientMessage) -> None:
-        peer = connection.peer
-        if message.client_id is not None and message.client_id != connection.client_id:
-            await peer.send(error("client_id does not match the registered connection"))
+        peer, identity = connection.peer, connection.identity
+        reply = aip.misdirected(identity, message) or aip.direct_reply(message)
+        if reply is not None:
+            await peer.send(reply)
             return
-        kind = message.type
-        claimed = message.client_type
-        if kind is not ClientMessageType.HEARTBEAT and (
-            (connection.client_type is ClientType.DEVICE and claimed is ClientType.CONSTELLATION)
-            or (
-                connection.client_type is ClientType.CONSTELLATION
-                and claimed is ClientType.DEVICE
-                and kind is ClientMessageType.TASK
-            )
-        ):
-            await peer.send(error("client_type does not match the registered connection"))
-            return
-        match kind:
-            case ClientMessageType.HEARTBEAT:
-                await peer.send(ack(response_id=str(uuid.uuid4())))
+        match message.type:
             case ClientMessageType.TASK:
                 await self._task(connection, message)
             case ClientMessageType.COMMAND_RESULTS:
-                if not self._sessions.deliver(connection.client_id, message):
-                    logger.info("dropped command_results from %s", connection.client_id)
+                if not self._sessions.deliver(identity.client_id, message):
+                    logger.info("dropped command_results from %s", identity.client_id)
             case ClientMessageType.DEVICE_INFO_REQUEST:
-                await self._device_info(connection, message)
-            case ClientMessageType.ERROR:
-                await peer.send(error(message.error or "Unknown error"))
-            case ClientMessageType.REGISTER:
-                await peer.send(error("Already registered on this connection"))
+                lookup = self._registry.get_device_info
+                await peer.send(aip.device_info(identity, message, lookup))
             case ClientMessageType.TASK_END | ClientMessageType.DEVICE_INFO_RESPONSE:
                 # The server never asks for these; accepted and ignored, as by UFO's server.
-                logger.info("%s from %s ignored", kind.value, connection.client_id)
-
-    async def _device_info(self, connection: _Connection, message: ClientMessage) -> None:
-        peer = connection.peer
-        if connection.client_type is not ClientType.CONSTELLATION:
-            await peer.send(
-                error("DEVICE_INFO_REQUEST is permitted only for constellation clients")
-            )
-            return
-        device_id = message.target_id or ""
-        if connection.target_id is not None and device_id != connection.target_id:
-            await peer.send(error("Not authorized to request device info for this device"))
-            return
-        info = self._registry.get_device_info(device_id)
-        await peer.send(
-            ServerMessage(
-                type=ServerMessageType.DEVICE_INFO_RESPONSE,
-                status=TaskStatus.OK,
-                response_id=message.request_id,
-                result=info
-                or {"error": f"Device {device_id} not found or no system info available"},
-            )
-        )
+                logger.info("%s from %s ignored", message.type.value, identity.client_id)
 
     async def _task(self, connection: _Connection, message: ClientMessage) -> None:
-        peer = connection.peer
-        requester = connection.client_id
-        if connection.client_type is ClientType.CONSTELLATION:
-            target = message.target_id
-            if not target:
-                await peer.send(error("Constellation task requests require target_id"))
-                return
-            if not self._registry.is_online(target):
-                await peer.send(error(f"Device '{target}' is not connected"))
-                return
-            if not self._registry.is_device_connected(target):
-                await peer.send(error("Constellation tasks may only target device clients"))
-                return
-            if connection.target_id is not None and target != connection.target_id:
-                await peer.send(error("Not authorized to send tasks to this device"))
-                return
-            executor = target
-        else:
-            if message.target_id and message.target_id != requester:
-                await peer.send(error("Device clients may not target other devices"))
-                return
-            executor = requester
-        task_name = sanitise_task_name(message.task_name)
-        if connection.client_type is ClientType.DEVICE:
+        peer, identity = connection.peer, connection.identity
+        requester = identity.client_id
+        registry = self._registry
+        executor = aip.task_executor(
+            identity, message, registry.is_online, registry.is_device_connected
+        )
+        if not isinstance(executor, str):
+            await peer.send(executor)
+            return
+        task_name = aip.sanitise_task_name(message.task_name)
+        if identity.client_type is ClientType.DEVICE:
             # A device taking up a task dispatched to it (UFO's device client answers the
             # dispatch's task frame with a task request of its own).
             dispatched = self._sessions.dispatched_to(requester, message.session_id, task_name)
@@ -475,37 +355,38 @@ class Endpoint:
                 await peer.send(ack(session_id=dispatched))
                 self._sessions.take_up(dispatched)
                 return
-        limit = self._settings.max_sessions_per_client
-        if self._sessions.active_count(requester) >= limit:
-            await peer.send(error(f"Too many active sessions (limit {limit})"))
-            return
         session_id = message.session_id or str(uuid.uuid4())
-        known = self._registry.get_session(session_id)
-        if known is not None and known.owner_id != requester:
-            # Ownership first: another client must not learn more than that (docs/protocol.md).
-            refusal = SessionOwnershipError(session_id, known.owner_id)
-            await peer.send(error(str(refusal), session_id=session_id))
-            return
-        if self._sessions.is_running(session_id):
-            await peer.send(error(f"session_id '{session_id}' is already running"))
+        known = registry.get_session(session_id)
+        refusal = aip.session_refused(
+            requester,
+            session_id,
+            active=self._sessions.active_count(requester),
+            limit=self._settings.max_sessions_per_client,
+            owner_id=None if known is None else known.owner_id,
+            running=self._sessions.is_running(session_id),
+        )
+        if refusal is not None:
+            await peer.send(refusal)
             return
         try:
             async with asyncio.timeout(self._settings.store_timeout):
-                await self._registry.open_session(
+                await registry.open_session(
                     session_id, owner_id=requester, executor_id=executor, task_name=task_name
                 )
-        except (SessionOwnershipError, SessionFinishedError) as exc:
-            await peer.send(error(str(exc), session_id=session_id))
-            return
-        except InvalidArgumentError as exc:
-            await peer.send(error(f"Invalid task: {exc}", session_id=session_id))
-            return
-        except (TimeoutError, StoreUnavailableError) as exc:
-            # Refused, not started (open_session has ended a session it could not record).
-            logger.warning("task %s of %s refused: %r", session_id, requester, exc)
-            await peer.send(error(STORE_BEHIND, session_id=session_id))
+        except _TASK_REFUSALS as exc:
+            if isinstance(exc, TimeoutError | StoreUnavailableError):
+                # Refused, not started (open_session has ended a session it could not record).
+                logger.warning("task %s of %s refused: %r", session_id, requester, exc)
+            await peer.send(aip.task_refused(exc, session_id))
             return
         await peer.send(ack(session_id=session_id))
         self._sessions.start(
             self._sessions.context(session_id, task_name, message.request, requester, executor)
         )
+
+
+async def _refuse(peer: Peer, refusal: aip.Refusal) -> NoReturn:
+    """Send a refused handshake its error frame (if any), then close it as the rules say."""
+    if refusal.error is not None:
+        await peer.send_first(error(refusal.error))
+    raise Closed(refusal.close)

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from registry.server import closecodes
-from registry.server.ws import STORE_BEHIND
+from registry.server.aip import STORE_BEHIND
 from tests.reliability.store_faults import FAULTS, Fault, prepared
 from tests.support import Client, Clients, Server, assert_error, eventually, sql
 
