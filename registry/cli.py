@@ -17,7 +17,7 @@ import gc
 import json
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,7 +27,7 @@ from pydantic_core import to_jsonable_python
 from sqlalchemy.exc import SQLAlchemyError
 from tabulate import tabulate
 
-from registry.errors import InvalidArgumentError, RegistryError, StoreError, describe
+from registry.errors import InvalidArgumentError, RegistryError, describe
 from registry.history import MAX_LIMIT, History
 from registry.settings import Settings
 from registry.store.dialect import DEFAULT_URL, create_engine, is_sqlite, parse_url
@@ -176,6 +176,22 @@ def _database_option(function: Any) -> Any:
     )(function)
 
 
+def _run(
+    work: Coroutine[Any, Any, T], what: str, usage: Callable[[InvalidArgumentError], str] = str
+) -> T:
+    """Run ``work`` to its end, its failures one line and an exit code: an argument the
+    registry refuses is bad usage (2, said by ``usage``), a store that fails or does not
+    answer is 3 (``cannot {what}: ...`` when the store's driver says why)."""
+    try:
+        return asyncio.run(work)
+    except InvalidArgumentError as exc:
+        raise _BadUsage(usage(exc)) from exc
+    except RegistryError as exc:  # unreachable, or not at the newest revision
+        raise _StoreFailure(str(exc)) from exc
+    except (SQLAlchemyError, OSError) as exc:
+        raise _StoreFailure(f"cannot {what}: {describe(exc)}") from exc
+
+
 def _run_schema(action: str, database_url: str | None) -> None:
     from registry.store.schema import run_alembic
 
@@ -195,14 +211,7 @@ def _run_schema(action: str, database_url: str | None) -> None:
                 await engine.dispose()
         await run_alembic(url, action)
 
-    try:
-        asyncio.run(run())
-    except InvalidArgumentError as exc:
-        raise _BadUsage(str(exc)) from exc
-    except RegistryError as exc:  # unreachable, or not at the newest revision
-        raise _StoreFailure(str(exc)) from exc
-    except (SQLAlchemyError, OSError) as exc:
-        raise _StoreFailure(f"cannot reach {url}: {describe(exc)}") from exc
+    _run(run(), f"reach {url}")
 
 
 @db.command()
@@ -293,18 +302,15 @@ def _query(database_url: str | None, action: Callable[[History], Awaitable[T]]) 
         finally:
             await engine.dispose()
 
-    try:
-        return asyncio.run(run())
-    except InvalidArgumentError as exc:  # e.g. --since after --until: bad usage
-        option = _OPTION_OF.get(exc.argument)
-        if option is None:
-            raise _BadUsage(str(exc)) from exc
-        detail = str(exc).removeprefix(f"{exc.argument}: ")
-        raise _BadUsage(f"Invalid value for '{option}': {detail}") from exc
-    except StoreError as exc:
-        raise _StoreFailure(str(exc)) from exc
-    except (SQLAlchemyError, OSError) as exc:
-        raise _StoreFailure(f"cannot read {url}: {describe(exc)}") from exc
+    return _run(run(), f"read {url}", _option_usage)
+
+
+def _option_usage(exc: InvalidArgumentError) -> str:
+    """A History argument refused (e.g. --since after --until), said with its option's name."""
+    option = _OPTION_OF.get(exc.argument)
+    if option is None:
+        return str(exc)
+    return f"Invalid value for '{option}': {str(exc).removeprefix(f'{exc.argument}: ')}"
 
 
 def _emit(value: Any, as_json: bool, rows: list[dict[str, Any]], empty: str) -> None:
@@ -623,14 +629,7 @@ def prune(database_url: str | None, older_than: timedelta, dry_run: bool, as_jso
         finally:
             await engine.dispose()
 
-    try:
-        report = asyncio.run(run())
-    except InvalidArgumentError as exc:
-        raise _BadUsage(str(exc)) from exc
-    except StoreError as exc:
-        raise _StoreFailure(str(exc)) from exc
-    except (SQLAlchemyError, OSError) as exc:
-        raise _StoreFailure(f"cannot prune {url}: {describe(exc)}") from exc
+    report = _run(run(), f"prune {url}")
     verb = "would delete" if dry_run else "deleted"
     table = [{"table": name, verb: count} for name, count in report.counts().items()]
     _emit(report, as_json, table, "")
