@@ -30,7 +30,7 @@ from registry.store import models
 from registry.store.dialect import checkpoint_deferred, create_engine, is_sqlite
 from registry.store.schema import ensure_schema
 from registry.store.sqlite_file import DatabaseFile, database_path
-from registry.store.writes import Op
+from registry.store.writes import Stamp
 
 _NOT_STARTED = "the registry is not started; await registry.start()"
 
@@ -206,14 +206,15 @@ class NodeRun:
         """Beat every ``heartbeat_interval``. While a beat waits for the store (an outage) no
         other is queued behind it: its time is brought up to date instead, so an outage does
         not grow the journal here and the beat written when the store is back is fresh."""
-        journal = self.journal
-        sequence, row = 0, {"b_id": self.node_id, "b_at": datetime.now(UTC)}
+        journal, recorder = self.journal, self.recorder
+        row: Stamp = {"b_id": self.node_id, "b_at": datetime.now(UTC)}
+        sequence = 0
         while True:
             await asyncio.sleep(self._heartbeat_interval)
             now = datetime.now(UTC)
             if journal.is_committed(sequence):
                 row = {"b_id": self.node_id, "b_at": now}
-                sequence = journal.append(Op.NODE_BEAT, row)
+                sequence = recorder.beat(row)
             else:
                 row["b_at"] = now  # still queued (the writer reads rows as it builds a commit)
 
