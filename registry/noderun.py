@@ -16,12 +16,11 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import insert, update
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from registry import closes
 from registry.audit import AuditKind
-from registry.errors import RegistryClosedError, StoreUnavailableError, describe
+from registry.errors import RegistryClosedError, store_errors
 from registry.history import History
 from registry.journal import Journal
 from registry.recorder import Recorder
@@ -131,24 +130,23 @@ class NodeRun:
         started = datetime.now(UTC)
         engine = create_engine(self.url)
         try:
-            if self.file is not None:
-                # Before recovery: it takes every unstopped run of this file for a dead one.
-                self.file.acquire(
-                    f"pid {os.getpid()} on host {socket.gethostname()}, node {self._name}, "
-                    f"started at {started.isoformat(timespec='seconds')}"
-                )
-            await ensure_schema(engine, auto_migrate=self._auto_migrate)
-            if self.file is not None:
-                self.file.remember()
-            state = await self._recover(engine, started)
-        except BaseException as exc:
+            with store_errors(
+                f"cannot open the registry database {self.database_url}", also=(OSError,)
+            ):
+                if self.file is not None:
+                    # Before recovery: it takes every unstopped run of this file for a dead one.
+                    self.file.acquire(
+                        f"pid {os.getpid()} on host {socket.gethostname()}, node {self._name}, "
+                        f"started at {started.isoformat(timespec='seconds')}"
+                    )
+                await ensure_schema(engine, auto_migrate=self._auto_migrate)
+                if self.file is not None:
+                    self.file.remember()
+                state = await self._recover(engine, started)
+        except BaseException:
             if self.file is not None:
                 self.file.release()
             await engine.dispose()
-            if isinstance(exc, SQLAlchemyError | OSError):
-                raise StoreUnavailableError(
-                    f"cannot open the registry database {self.database_url}: {describe(exc)}"
-                ) from exc
             raise
         self.runs += 1
         self._engine = engine
@@ -232,15 +230,14 @@ class NodeRun:
         engine, journal = self.engine, self.journal
         try:
             await journal.close(self._close_timeout)
-            async with engine.begin() as connection:
-                now = datetime.now(UTC)
-                await connection.execute(
-                    update(models.nodes)
-                    .where(models.nodes.c.node_id == self.node_id)
-                    .values(heartbeat_at=now, stopped_at=now, stop_reason=closes.NODE_STOPPED)
-                )
-        except SQLAlchemyError as exc:
-            raise StoreUnavailableError(f"cannot mark the node stopped: {describe(exc)}") from exc
+            with store_errors("cannot mark the node stopped"):
+                async with engine.begin() as connection:
+                    now = datetime.now(UTC)
+                    await connection.execute(
+                        update(models.nodes)
+                        .where(models.nodes.c.node_id == self.node_id)
+                        .values(heartbeat_at=now, stopped_at=now, stop_reason=closes.NODE_STOPPED)
+                    )
         finally:
             self._engine = self._journal = self._history = self._recorder = None
             await engine.dispose()
