@@ -35,7 +35,7 @@ from unittest import mock
 
 import sqlalchemy
 
-import registry.registry as registry_module
+import registry.noderun as noderun_module
 from bench import seed
 from bench.baseline import WSManager
 from bench.report import ms, progress_printer, table, yes_no
@@ -749,7 +749,7 @@ def _stopped_node(path: Path) -> str:
 # -- start-up recovery ---------------------------------------------------------------------
 
 
-#: Start-up steps timed separately: (name in ``registry.registry``, key of the split).
+#: Start-up steps timed separately: (name in ``registry.noderun``, key of the split).
 STARTUP_STEPS = (
     ("ensure_schema", "schema"),
     ("close_gone_runs", "close"),
@@ -815,11 +815,11 @@ async def startup_recovery(config: Config, workdir: Path, report: Report) -> Non
         steps: dict[str, tuple[float, float]] = {}
         with contextlib.ExitStack() as patches:
             for name, key in STARTUP_STEPS:
-                original = getattr(registry_module, name, None)
+                original = getattr(noderun_module, name, None)
                 if original is None:
                     continue  # the registry's start-up changed shape: no split for this step
                 patches.enter_context(
-                    mock.patch.object(registry_module, name, timed(steps, key, original))
+                    mock.patch.object(noderun_module, name, timed(steps, key, original))
                 )
             reg = Registry(seed.sqlite_url(copy), node_name="bench")
             start = time.perf_counter()

@@ -7,6 +7,11 @@ callers never need to import a driver to handle a failure.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+from sqlalchemy.exc import SQLAlchemyError
+
 
 class RegistryError(Exception):
     """Root of every error raised by the registry."""
@@ -109,3 +114,15 @@ def describe(exc: BaseException) -> str:
     """One line naming a driver error's own type and message (not SQLAlchemy's wrapper)."""
     original = getattr(exc, "orig", None) or exc
     return f"{type(original).__name__}: {original}"
+
+
+@contextlib.contextmanager
+def store_errors(what: str, *, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """Turn a store failure in the block (:class:`~sqlalchemy.exc.SQLAlchemyError`, and the
+    exception types ``also`` names) into :class:`StoreUnavailableError` with the message
+    ``"<what>: <driver error>"``, chained to the original. Other errors pass unchanged."""
+    caught: tuple[type[Exception], ...] = (SQLAlchemyError, *also)
+    try:
+        yield
+    except caught as exc:
+        raise StoreUnavailableError(f"{what}: {describe(exc)}") from exc

@@ -15,10 +15,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Executable, Select, and_, func, literal, or_, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from registry.errors import InvalidArgumentError, StoreUnavailableError, describe
+from registry.errors import InvalidArgumentError, store_errors
 from registry.store import models
 from registry.store.dialect import epoch_seconds, greatest, least
 from registry.types import (
@@ -138,12 +137,10 @@ class History:
         self._engine = engine
 
     async def _rows(self, query: Select[Any]) -> Sequence[Any]:
-        try:
+        with store_errors("history query failed"):
             async with self._engine.connect() as connection:
                 rows: Sequence[Any] = (await connection.execute(query)).all()
                 return rows
-        except SQLAlchemyError as exc:
-            raise StoreUnavailableError(f"history query failed: {describe(exc)}") from exc
 
     async def _page(
         self,
@@ -343,7 +340,7 @@ class History:
         by recovery at the lost run's last heartbeat)."""
         _text("client_id", client_id)
         cl, c = models.clients.c, models.connections.c
-        try:
+        with store_errors("client query failed"):
             async with self._engine.connect() as connection:
                 row = (
                     await connection.execute(
@@ -367,8 +364,6 @@ class History:
                         .limit(1)
                     )
                 ).first()
-        except SQLAlchemyError as exc:
-            raise StoreUnavailableError(f"client query failed: {describe(exc)}") from exc
         if live is not None:
             last_seen = datetime.now(UTC)
         else:  # the clients row keeps the time of a close whose connection row was pruned
@@ -390,7 +385,7 @@ class History:
         """A session with its links and its audit events, or None if never seen."""
         _text("session_id", session_id)
         s, link, a = models.sessions.c, models.session_links.c, models.audit_events.c
-        try:
+        with store_errors("session query failed"):
             async with self._engine.connect() as connection:
                 row = (
                     await connection.execute(
@@ -418,8 +413,6 @@ class History:
                     ],
                     events=[_audit_event(r) for r in events],
                 )
-        except SQLAlchemyError as exc:
-            raise StoreUnavailableError(f"session query failed: {describe(exc)}") from exc
 
     async def latest_device_info(self, device_id: str) -> DeviceInfoSnapshot | None:
         """The newest info snapshot of a device, or None."""
@@ -436,11 +429,9 @@ class History:
         since = _aware("since", since) or until - timedelta(days=1)
         if since > until:
             raise InvalidArgumentError("since", "must not be after until")
-        try:
+        with store_errors("statistics query failed"):
             async with self._engine.connect() as connection:
                 return await _statistics(connection, since, until)
-        except SQLAlchemyError as exc:
-            raise StoreUnavailableError(f"statistics query failed: {describe(exc)}") from exc
 
 
 async def _statistics(connection: AsyncConnection, since: datetime, until: datetime) -> Statistics:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic
+
+from typing_extensions import TypeVar
 
 from registry.types import ClientInfo, ClientType, LinkRole, SessionInfo
 
@@ -38,13 +40,17 @@ class DeviceInfoEntry:
     digest: str
 
 
+#: The type of a live client's socket (the server's ``Peer``; anything, for the library).
+S = TypeVar("S", default=Any)
+
+
 @dataclass(slots=True)
-class LiveMap:
+class LiveMap(Generic[S]):
     """This node's registry state. Indexes are kept in step by the methods below."""
 
     clients: dict[str, LiveClient] = field(default_factory=dict)
     #: client id -> its websocket: ``get_client`` in one lookup.
-    sockets: dict[str, Any] = field(default_factory=dict)
+    sockets: dict[str, S] = field(default_factory=dict)
     by_type: dict[ClientType, dict[str, LiveClient]] = field(
         default_factory=lambda: {kind: {} for kind in ClientType}
     )
@@ -58,6 +64,19 @@ class LiveMap:
     #: Sessions that are active or interrupted and still known to this node.
     sessions: dict[str, SessionInfo] = field(default_factory=dict)
     device_info: dict[str, DeviceInfoEntry] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        """Forget everything (the registry closed)."""
+        self.clients.clear()
+        self.sockets.clear()
+        self.by_platform.clear()
+        self.links.clear()
+        self.sessions.clear()
+        self.device_info.clear()
+        for by_type in self.by_type.values():
+            by_type.clear()
+        for session_map in self.session_maps.values():
+            session_map.clear()
 
     # -- clients ---------------------------------------------------------------------------
 
@@ -81,6 +100,22 @@ class LiveMap:
         if not same_platform:
             del self.by_platform[platform_key]
         return live
+
+    def infos_of_type(self, client_type: ClientType) -> list[ClientInfo]:
+        """Copies of the live clients of one type (O(size of the answer); none for a bad
+        type)."""
+        try:
+            kind = ClientType(client_type)
+        except ValueError:
+            return []
+        return [self.copy_info(live) for live in self.by_type[kind].values()]
+
+    def infos_on_platform(self, platform: str) -> list[ClientInfo]:
+        """Copies of the live clients on ``platform`` (case-insensitive)."""
+        if not isinstance(platform, str):
+            return []
+        same = self.by_platform.get(platform.lower(), {})
+        return [self.copy_info(live) for live in same.values()]
 
     @staticmethod
     def copy_info(live: LiveClient) -> ClientInfo:

@@ -12,11 +12,10 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import ColumnElement, Table, delete, exists, func, insert, or_, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from registry.audit import AuditKind
-from registry.errors import InvalidArgumentError, StoreUnavailableError, describe
+from registry.errors import InvalidArgumentError, store_errors
 from registry.store import models
 from registry.types import SessionState
 
@@ -93,7 +92,7 @@ async def prune(
     if batch_size < 1:
         raise InvalidArgumentError("batch_size", "must be at least 1")
     counts: dict[str, int] = {}
-    try:
+    with store_errors("prune failed"):
         for name, table, condition in _targets(cutoff):
             counts[name] = await _prune_table(
                 engine, name, table, condition, dry_run, batch_size, progress
@@ -108,8 +107,6 @@ async def prune(
                         details={"cutoff": cutoff.isoformat(), **report.counts()},
                     )
                 )
-    except SQLAlchemyError as exc:
-        raise StoreUnavailableError(f"prune failed: {describe(exc)}") from exc
     return report
 
 

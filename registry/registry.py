@@ -5,57 +5,31 @@ reads answer from memory with no I/O; mutations update memory and append to the 
 whose writer task commits them in the background (group commit). ``await flush()`` returns once
 everything before it is durable, and the ``*_durable`` variants (and the session lifecycle
 methods) return only once their own change is. Use a registry from one event loop.
+
+:class:`Registry` is a facade over the parts that hold the work: the live map
+(:mod:`registry.livemap`), the client book (:mod:`registry.clientbook`), the session book
+(:mod:`registry.sessionbook`), the node run (:mod:`registry.noderun`: lock, engine, journal,
+heartbeat, recovery) and its recorder (:mod:`registry.recorder`: changes into rows).
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import hashlib
 import json
-import logging
-import os
-import socket
-import time
-import uuid
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self
 
-from sqlalchemy import insert, update
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from registry import closes
-from registry.audit import AuditKind
-from registry.errors import (
-    DuplicateClientError,
-    InvalidArgumentError,
-    RegistryClosedError,
-    SessionFinishedError,
-    SessionOwnershipError,
-    StoreUnavailableError,
-    describe,
-)
+from registry.clientbook import ClientBook
+from registry.errors import InvalidArgumentError
 from registry.history import History
 from registry.journal import DEFAULT_LIMIT, DEFAULT_LIMIT_BYTES, DEFAULT_STALL_SECONDS, Journal
-from registry.livemap import DeviceInfoEntry, LiveClient, LiveMap
-from registry.recovery import close_gone_runs, load_state
-from registry.store import models
-from registry.store.dialect import (
-    DEFAULT_URL,
-    checkpoint_deferred,
-    create_engine,
-    is_sqlite,
-    parse_url,
-)
-from registry.store.schema import ensure_schema
-from registry.store.sqlite_file import DatabaseFile, database_path
-from registry.store.writes import Op, Row
+from registry.livemap import LiveMap, S
+from registry.noderun import NodeRun
+from registry.sessionbook import SessionBook
+from registry.store.dialect import DEFAULT_URL, is_sqlite, parse_url
 from registry.types import (
     ClientInfo,
     ClientType,
@@ -67,39 +41,12 @@ from registry.types import (
 from registry.validation import (
     DEFAULT_MAX_DEVICE_INFO_BYTES,
     DEFAULT_MAX_METADATA_BYTES,
-    MAX_ID_LENGTH,
-    client_type_of,
-    close_code,
-    free_text,
-    optional_text,
-    require_document,
     require_id,
     require_positive,
-    require_text,
 )
 
-logger = logging.getLogger(__name__)
 
-#: The reference's name for the client argument of each session map's methods.
-_ROLE_ARGUMENT = {LinkRole.CONSTELLATION: "constellation_id", LinkRole.DEVICE: "device_id"}
-
-
-def _utc(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, UTC)
-
-
-@dataclass(slots=True)
-class _Registration:
-    """What a live client's registration journalled, for :meth:`Registry.withdraw_client`: its
-    operations (and those of device info set before it was committed), and the cached device
-    info that this device info replaced."""
-
-    sequences: list[int]
-    device_info: DeviceInfoEntry | None = None
-    replaced_device_info: DeviceInfoEntry | None = None
-
-
-class Registry:
+class Registry(Generic[S]):
     """Durable registry of this node's clients, sessions and device info.
 
     ``database_url`` defaults to the SQLite file ``./registry.db``; a ``postgresql+asyncpg://``
@@ -148,14 +95,14 @@ class Registry:
         max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
         max_device_info_bytes: int = DEFAULT_MAX_DEVICE_INFO_BYTES,
     ) -> None:
-        self._url = parse_url(database_url or DEFAULT_URL)
+        url = parse_url(database_url or DEFAULT_URL)
         try:
-            self._on_duplicate = DuplicatePolicy(on_duplicate)
+            policy = DuplicatePolicy(on_duplicate)
         except ValueError:
             raise InvalidArgumentError(
                 "on_duplicate", f"must be 'refuse' or 'replace', not {on_duplicate!r}"
             ) from None
-        self._node_name = None if node_name is None else require_id("node_name", node_name)
+        node_name = None if node_name is None else require_id("node_name", node_name)
         require_positive("heartbeat_interval", heartbeat_interval)
         require_positive("node_timeout", node_timeout)
         require_positive("close_timeout", close_timeout, allow_none=True)
@@ -164,60 +111,58 @@ class Registry:
         require_positive("stall_timeout", stall_timeout)
         require_positive("max_metadata_bytes", max_metadata_bytes)
         require_positive("max_device_info_bytes", max_device_info_bytes)
-        self._auto_migrate = is_sqlite(self._url) if auto_migrate is None else auto_migrate
-        self._heartbeat_interval = heartbeat_interval
-        self._node_timeout = timedelta(seconds=node_timeout)
-        self._close_timeout = close_timeout
-        self._journal_limit = journal_limit
-        self._journal_limit_bytes = journal_limit_bytes
-        self._stall_timeout = stall_timeout
-        self._metadata_cap = ("max_metadata_bytes", max_metadata_bytes)
-        self._device_info_cap = ("max_device_info_bytes", max_device_info_bytes)
-        path = database_path(self._url)
-        self._file = None if path is None else DatabaseFile(path)
-        self._live = LiveMap()
-        #: client id -> what its registration journalled (see :meth:`withdraw_client`).
-        self._registrations: dict[str, _Registration] = {}
-        self._engine: AsyncEngine | None = None
-        self._journal: Journal | None = None
-        self._history: History | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
-        self._runs = 0
-        #: This server run's row in ``nodes``; a registry started again gets a new one.
-        self.node_id = str(uuid.uuid4())
+        self._run = NodeRun(
+            url,
+            node_name=node_name,
+            auto_migrate=is_sqlite(url) if auto_migrate is None else auto_migrate,
+            heartbeat_interval=heartbeat_interval,
+            node_timeout=node_timeout,
+            close_timeout=close_timeout,
+            journal_limit=journal_limit,
+            journal_limit_bytes=journal_limit_bytes,
+            stall_timeout=stall_timeout,
+        )
+        self._live: LiveMap[S] = LiveMap()
+        self._clients = ClientBook(
+            self._live,
+            self._run,
+            on_duplicate=policy,
+            metadata_cap=("max_metadata_bytes", max_metadata_bytes),
+            device_info_cap=("max_device_info_bytes", max_device_info_bytes),
+        )
+        self._sessions = SessionBook(self._live, self._run)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     @property
+    def node_id(self) -> str:
+        """This server run's row in ``nodes``; a registry started again gets a new one."""
+        return self._run.node_id
+
+    @property
     def database_url(self) -> str:
         """The database URL with any password hidden."""
-        return self._url.render_as_string(hide_password=True)
+        return self._run.database_url
 
     @property
     def engine(self) -> AsyncEngine:
-        if self._engine is None:
-            raise RegistryClosedError("the registry is not started; await registry.start()")
-        return self._engine
+        return self._run.engine
 
     @property
     def history(self) -> History:
         """History and statistics queries on the store (cluster-wide)."""
-        if self._history is None:
-            raise RegistryClosedError("the registry is not started; await registry.start()")
-        return self._history
+        return self._run.history
 
     @property
     def journal(self) -> Journal:
-        if self._journal is None:
-            raise RegistryClosedError("the registry is not started; await registry.start()")
-        return self._journal
+        return self._run.journal
 
     def ensure_free(self) -> None:
         """Raise :class:`DatabaseInUseError` if another registry has this SQLite database now
         (a no-op for other databases): a check that can come ahead of :meth:`start`, which
         decides."""
-        if self._file is not None:
-            self._file.ensure_free()
+        if self._run.file is not None:
+            self._run.file.ensure_free()
 
     async def start(self) -> None:
         """Lock a SQLite database, migrate (or refuse), register this node run, recover from
@@ -227,98 +172,7 @@ class Registry:
         :class:`StoreUnavailableError` when the database cannot be reached or written and
         :class:`SchemaError` when its schema is behind or unknown; nothing is left open.
         """
-        if self._engine is not None:
-            raise RegistryClosedError("the registry is already started")
-        if self._runs:
-            self.node_id = str(uuid.uuid4())  # each run is its own row in ``nodes``
-        started = datetime.now(UTC)
-        name = self._node_name or self.node_id
-        engine = create_engine(self._url)
-        try:
-            if self._file is not None:
-                # Before recovery: it takes every unstopped run of this file for a dead one.
-                self._file.acquire(
-                    f"pid {os.getpid()} on host {socket.gethostname()}, node {name}, "
-                    f"started at {started.isoformat(timespec='seconds')}"
-                )
-            await ensure_schema(engine, auto_migrate=self._auto_migrate)
-            if self._file is not None:
-                self._file.remember()
-            await self._recover(engine, started)
-        except BaseException as exc:
-            if self._file is not None:
-                self._file.release()
-            await engine.dispose()
-            if isinstance(exc, SQLAlchemyError | OSError):
-                raise StoreUnavailableError(
-                    f"cannot open the registry database {self.database_url}: {describe(exc)}"
-                ) from exc
-            raise
-        self._runs += 1
-        self._engine = engine
-        self._journal = Journal(
-            engine,
-            limit=self._journal_limit,
-            limit_bytes=self._journal_limit_bytes,
-            stall_after=self._stall_timeout,
-            guard=None if self._file is None else self._file.check,
-        )
-        self._journal.start()
-        self._history = History(engine)
-        self._heartbeat_task = asyncio.get_running_loop().create_task(
-            self._heartbeat(), name="registry-node-heartbeat"
-        )
-
-    async def _recover(self, engine: AsyncEngine, now: datetime) -> None:
-        name = self._node_name or self.node_id
-        async with engine.connect() as outer, checkpoint_deferred(outer) as connection:
-            await connection.execute(
-                insert(models.nodes).values(
-                    node_id=self.node_id,
-                    name=name,
-                    hostname=socket.gethostname(),
-                    pid=os.getpid(),
-                    started_at=now,
-                    heartbeat_at=now,
-                )
-            )
-            await connection.execute(
-                insert(models.audit_events).values(
-                    at=now,
-                    node_id=self.node_id,
-                    kind=AuditKind.NODE_STARTED,
-                    details={"name": name, "pid": os.getpid()},
-                )
-            )
-            await close_gone_runs(
-                connection,
-                node_id=self.node_id,
-                node_name=name,
-                now=now,
-                node_timeout=self._node_timeout,
-                single_node=is_sqlite(self._url),
-            )
-            state = await load_state(connection)
-        self._live.sessions.update(state.sessions)
-        for session_id, role, client_id, link_id in state.links:
-            self._live.bind(role, client_id, session_id, link_id)
-        for device_id, (document, digest) in state.device_info.items():
-            self._live.device_info[device_id] = DeviceInfoEntry(document, digest)
-
-    async def _heartbeat(self) -> None:
-        """Beat every ``heartbeat_interval``. While a beat waits for the store (an outage) no
-        other is queued behind it: its time is brought up to date instead, so an outage does
-        not grow the journal here and the beat written when the store is back is fresh."""
-        journal = self.journal
-        sequence, row = 0, {"b_id": self.node_id, "b_at": datetime.now(UTC)}
-        while True:
-            await asyncio.sleep(self._heartbeat_interval)
-            now = datetime.now(UTC)
-            if journal.is_committed(sequence):
-                row = {"b_id": self.node_id, "b_at": now}
-                sequence = journal.append(Op.NODE_BEAT, row)
-            else:
-                row["b_at"] = now  # still queued (the writer reads rows as it builds a commit)
+        self._sessions.load(await self._run.start())
 
     async def close(self) -> None:
         """Close every live connection record (reason ``server_shutdown``), mark active sessions
@@ -327,43 +181,15 @@ class Registry:
         Raises :class:`StoreUnavailableError` if the journal cannot be drained: the writer
         committed nothing for ``close_timeout`` seconds.
         """
-        if self._engine is None or self._journal is None:
+        if not self._run.started:
             return
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
-            self._heartbeat_task = None
-        for client_id in list(self._live.clients):
-            self.remove_client(client_id, reason=closes.SERVER_SHUTDOWN.reason)
-        for session in list(self._live.sessions.values()):
-            if session.state is SessionState.ACTIVE:
-                self._set_session(
-                    session,
-                    state=SessionState.INTERRUPTED,
-                    end_reason=closes.SESSION_SERVER_SHUTDOWN,
-                    kind=AuditKind.SESSION_INTERRUPTED,
-                    at=datetime.now(UTC),
-                )
-        self._audit(AuditKind.NODE_STOPPED, datetime.now(UTC))
-        engine, journal = self._engine, self._journal
+        await self._run.stop_heartbeat()
+        self._clients.remove_all(closes.SERVER_SHUTDOWN.reason)
+        self._sessions.interrupt_all()
         try:
-            await journal.close(self._close_timeout)
-            async with engine.begin() as connection:
-                now = datetime.now(UTC)
-                await connection.execute(
-                    update(models.nodes)
-                    .where(models.nodes.c.node_id == self.node_id)
-                    .values(heartbeat_at=now, stopped_at=now, stop_reason=closes.NODE_STOPPED)
-                )
-        except SQLAlchemyError as exc:
-            raise StoreUnavailableError(f"cannot mark the node stopped: {describe(exc)}") from exc
+            await self._run.stop()
         finally:
-            self._engine = self._journal = self._history = None
-            self._live = LiveMap()
-            self._registrations.clear()
-            await engine.dispose()
-            if self._file is not None:
-                self._file.release()
+            self._live.clear()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -376,24 +202,6 @@ class Registry:
         traceback: TracebackType | None,
     ) -> None:
         await self.close()
-
-    def _check_open(self) -> None:
-        if self._journal is None:
-            raise RegistryClosedError("the registry is not started; await registry.start()")
-
-    def _check_removable(self) -> None:
-        """Removals raise on a registry never started; once it has been closed they find
-        nothing live (close removed everything), so a late removal is a harmless no-op."""
-        if self._journal is None and not self._runs:
-            raise RegistryClosedError("the registry is not started; await registry.start()")
-
-    async def _durable(self, sequence: int | None) -> None:
-        """Wait for ``sequence``, or, when the call appended nothing, for everything queued
-        so far: what made it a no-op (an earlier call) may not be durable yet."""
-        if sequence is not None:
-            await self.journal.wait(sequence)
-        elif self._journal is not None:
-            await self._journal.flush()
 
     async def flush(self) -> None:
         """Return once every mutation made before this call is committed."""
@@ -409,59 +217,18 @@ class Registry:
         """
         await self.journal.room()
 
-    # -- journalling helpers ---------------------------------------------------------------
-
-    def _append(self, op: Op, row: Row, weight: int = 0) -> int:
-        return self.journal.append(op, row, weight)
-
-    def _audit(
-        self,
-        kind: AuditKind,
-        at: datetime,
-        *,
-        client_id: str | None = None,
-        session_id: str | None = None,
-        **details: Any,
-    ) -> int:
-        return self._append(
-            Op.AUDIT,
-            {
-                "at": at,
-                "node_id": self.node_id,
-                "kind": kind.value,
-                "client_id": client_id,
-                "session_id": session_id,
-                "details": details,
-            },
-        )
-
-    def _client_row(self, live: LiveClient, at: datetime) -> int:
-        info = live.info
-        return self._append(
-            Op.CLIENT,
-            {
-                "client_id": info.client_id,
-                "client_type": info.client_type.value,
-                "platform": info.platform,
-                "first_seen": at,
-                "last_seen": at,
-                "metadata": info.metadata,
-            },
-            len(live.metadata_json),
-        )
-
     # -- clients ---------------------------------------------------------------------------
 
     def add_client(
         self,
         client_id: str,
         platform: str,
-        websocket: Any,
+        websocket: S,
         client_type: ClientType | str,
         metadata: dict[str, Any] | None = None,
         *,
         remote_address: str | None = None,
-        replacing: Any = None,
+        replacing: S | None = None,
     ) -> None:
         """Register a new client connection on this node.
 
@@ -475,7 +242,7 @@ class Registry:
         registration's record is closed with :data:`registry.closes.REPLACED` (4411,
         ``replaced``); closing its websocket is the caller's.
         """
-        self._add_client(
+        self._clients.add(
             client_id, platform, websocket, client_type, metadata, remote_address, replacing
         )
 
@@ -483,97 +250,22 @@ class Registry:
         self,
         client_id: str,
         platform: str,
-        websocket: Any,
+        websocket: S,
         client_type: ClientType | str,
         metadata: dict[str, Any] | None = None,
         *,
         remote_address: str | None = None,
-        replacing: Any = None,
+        replacing: S | None = None,
     ) -> ClientInfo:
         """:meth:`add_client`, returning (a copy of) the new info once it is durable."""
-        live, sequence = self._add_client(
+        live, sequence = self._clients.add(
             client_id, platform, websocket, client_type, metadata, remote_address, replacing
         )
         await self.journal.wait(sequence)
         return LiveMap.copy_info(live)
 
-    def _add_client(
-        self,
-        client_id: str,
-        platform: str,
-        websocket: Any,
-        client_type: ClientType | str,
-        metadata: dict[str, Any] | None,
-        remote_address: str | None,
-        replacing: Any = None,
-    ) -> tuple[LiveClient, int]:
-        client_id = require_id("client_id", client_id)
-        platform = require_text("platform", platform, max_length=MAX_ID_LENGTH)
-        kind = client_type_of(client_type)
-        metadata_json = require_document(
-            "metadata", {} if metadata is None else metadata, cap=self._metadata_cap
-        )
-        remote_address = optional_text("remote_address", remote_address, max_length=MAX_ID_LENGTH)
-        journal = self.journal
-        journal.admit("registration")
-        now = time.time()
-        at = _utc(now)
-        existing = self._live.clients.get(client_id)
-        if existing is not None:
-            if self._on_duplicate is DuplicatePolicy.REFUSE and (
-                replacing is None or existing.info.websocket is not replacing
-            ):
-                self._audit(
-                    AuditKind.CLIENT_DUPLICATE_REFUSED,
-                    at,
-                    client_id=client_id,
-                    live_connection_id=existing.info.connection_id,
-                    remote_address=remote_address,
-                )
-                raise DuplicateClientError(client_id)
-            replaced = closes.REPLACED
-            self._close(existing, at, replaced.code, replaced.reason, AuditKind.CLIENT_REPLACED)
-        info = ClientInfo(
-            client_id=client_id,
-            platform=platform,
-            websocket=websocket,
-            client_type=kind,
-            metadata=json.loads(metadata_json),
-            connect_time=now,
-            connection_id=str(uuid.uuid4()),
-            remote_address=remote_address,
-        )
-        live = LiveClient.of(info, metadata_json)
-        self._live.add(live)
-        first = self._client_row(live, at)
-        journal.append(
-            Op.CONNECTION_OPEN,
-            {
-                "connection_id": info.connection_id,
-                "client_id": client_id,
-                "node_id": self.node_id,
-                "client_type": kind.value,
-                "platform": platform,
-                "metadata": info.metadata,
-                "remote_address": remote_address,
-                "connected_at": at,
-            },
-            len(metadata_json),
-        )
-        sequence = self._audit(
-            AuditKind.CLIENT_REGISTERED,
-            at,
-            client_id=client_id,
-            connection_id=info.connection_id,
-            client_type=kind.value,
-            platform=platform,
-            remote_address=remote_address,
-        )
-        self._registrations[client_id] = _Registration(list(range(first, sequence + 1)))
-        return live, sequence
-
     def withdraw_client(
-        self, client_id: str, websocket: Any, *, reason: str = closes.STORE_UNAVAILABLE.reason
+        self, client_id: str, websocket: S, *, reason: str = closes.STORE_UNAVAILABLE.reason
     ) -> None:
         """Undo a registration of ``client_id`` on ``websocket`` that the caller refused after
         making it (its commit did not come in time, or its device info was refused).
@@ -584,27 +276,7 @@ class Registry:
         ``reason``, as :meth:`remove_client` would. A no-op unless ``client_id`` is live on
         ``websocket``.
         """
-        live = self._live.clients.get(client_id)
-        if live is None or live.info.websocket is not websocket:
-            return
-        registration = self._registrations.pop(client_id)
-        self._live.pop(client_id)
-        at = _utc(time.time())
-
-        def committed() -> None:
-            self._record_close(live, at, None, reason, AuditKind.CLIENT_REMOVED)
-
-        def dropped() -> None:
-            cache = self._live.device_info
-            if registration.device_info is not None and (
-                cache.get(client_id) is registration.device_info
-            ):
-                if registration.replaced_device_info is None:
-                    del cache[client_id]
-                else:
-                    cache[client_id] = registration.replaced_device_info
-
-        self.journal.retract(registration.sequences, committed=committed, dropped=dropped)
+        self._clients.withdraw(client_id, websocket, reason)
 
     def remove_client(
         self, client_id: str, *, code: int | None = None, reason: str | None = None
@@ -614,55 +286,15 @@ class Registry:
         ``code`` and ``reason`` (default ``removed``) are recorded with the disconnect. The id
         is free again at once. Session maps are left alone, as in the reference.
         """
-        self._remove_client(client_id, code, reason)
+        self._clients.remove(client_id, code, reason)
 
     async def remove_client_durable(
         self, client_id: str, *, code: int | None = None, reason: str | None = None
     ) -> None:
         """:meth:`remove_client`, returning once the disconnect is durable."""
-        await self._durable(self._remove_client(client_id, code, reason))
+        await self._run.durable(self._clients.remove(client_id, code, reason))
 
-    def _remove_client(self, client_id: str, code: int | None, reason: str | None) -> int | None:
-        client_id = require_id("client_id", client_id)
-        code = close_code(code)
-        reason = free_text("reason", reason)
-        self._check_removable()
-        live = self._live.clients.get(client_id)
-        if live is None:
-            return None
-        self._check_open()
-        return self._close(
-            live, _utc(time.time()), code, reason or closes.REMOVED.reason, AuditKind.CLIENT_REMOVED
-        )
-
-    def _close(
-        self, live: LiveClient, at: datetime, code: int | None, reason: str, kind: AuditKind
-    ) -> int:
-        self._live.pop(live.info.client_id)
-        self._registrations.pop(live.info.client_id, None)
-        return self._record_close(live, at, code, reason, kind)
-
-    def _record_close(
-        self, live: LiveClient, at: datetime, code: int | None, reason: str, kind: AuditKind
-    ) -> int:
-        """Journal the end of ``live``'s connection (no longer in the live map)."""
-        info = live.info
-        self._append(
-            Op.CONNECTION_CLOSE,
-            {"b_id": info.connection_id, "b_at": at, "b_code": code, "b_reason": reason},
-        )
-        self._client_row(live, at)
-        return self._audit(
-            kind,
-            at,
-            client_id=info.client_id,
-            connection_id=info.connection_id,
-            code=code,
-            reason=reason,
-            seconds=round(at.timestamp() - info.connect_time, 6),
-        )
-
-    def get_client(self, client_id: str) -> Any | None:
+    def get_client(self, client_id: str) -> S | None:
         """The WebSocket of a live client, or None."""
         return self._live.sockets.get(client_id)
 
@@ -690,28 +322,21 @@ class Registry:
 
     def get_clients_by_type(self, client_type: ClientType) -> list[ClientInfo]:
         """Copies of this node's live clients of one type (O(size of the answer))."""
-        try:
-            kind = ClientType(client_type)
-        except ValueError:
-            return []
-        return [LiveMap.copy_info(live) for live in self._live.by_type[kind].values()]
+        return self._live.infos_of_type(client_type)
 
     def get_clients_by_platform(self, platform: str) -> list[ClientInfo]:
         """Copies of this node's live clients on ``platform`` (case-insensitive)."""
-        if not isinstance(platform, str):
-            return []
-        same = self._live.by_platform.get(platform.lower(), {})
-        return [LiveMap.copy_info(live) for live in same.values()]
+        return self._live.infos_on_platform(platform)
 
     # -- session maps (reference) ----------------------------------------------------------
 
     def add_constellation_session(self, constellation_id: str, session_id: str) -> None:
         """Map a session to its constellation orchestrator."""
-        self._bind(LinkRole.CONSTELLATION, constellation_id, session_id)
+        self._sessions.bind(LinkRole.CONSTELLATION, constellation_id, session_id)
 
     def add_device_session(self, device_id: str, session_id: str) -> None:
         """Map a session to the device executing it."""
-        self._bind(LinkRole.DEVICE, device_id, session_id)
+        self._sessions.bind(LinkRole.DEVICE, device_id, session_id)
 
     def get_constellation_sessions(self, constellation_id: str) -> set[str]:
         """A copy of the sessions mapped to a constellation."""
@@ -723,11 +348,11 @@ class Registry:
 
     def remove_constellation_sessions(self, constellation_id: str) -> None:
         """Remove all session mappings of a constellation (O(its links))."""
-        self._unbind_client(LinkRole.CONSTELLATION, constellation_id)
+        self._sessions.unbind_client(LinkRole.CONSTELLATION, constellation_id)
 
     def remove_device_sessions(self, device_id: str) -> None:
         """Remove all session mappings of a device (O(its links))."""
-        self._unbind_client(LinkRole.DEVICE, device_id)
+        self._sessions.unbind_client(LinkRole.DEVICE, device_id)
 
     def remove_session(
         self,
@@ -743,141 +368,7 @@ class Registry:
         ``state`` (``active``, and ``interrupted``, which only the registry sets when its run
         stops) raises :class:`InvalidArgumentError` and changes nothing.
         """
-        self._end(session_id, state, reason)
-
-    def _bind(self, role: LinkRole, client_id: str, session_id: str) -> int | None:
-        client_id = require_id(_ROLE_ARGUMENT[role], client_id)
-        session_id = require_id("session_id", session_id)
-        self._check_open()
-        at = datetime.now(UTC)
-        session = self._live.sessions.get(session_id)
-        if session is None:
-            session = SessionInfo(
-                session_id=session_id,
-                owner_id=client_id,
-                executor_id=client_id if role is LinkRole.DEVICE else None,
-                task_name=None,
-                state=SessionState.ACTIVE,
-                created_at=at,
-            )
-            self._set_session(session, kind=None, at=at)
-        elif role is LinkRole.DEVICE and session.executor_id is None:
-            self._set_session(session, executor_id=client_id, kind=None, at=at)
-        link_id = str(uuid.uuid4())
-        if not self._live.bind(role, client_id, session_id, link_id):
-            return None
-        self._append(
-            Op.LINK_OPEN,
-            {
-                "link_id": link_id,
-                "session_id": session_id,
-                "client_id": client_id,
-                "role": role.value,
-                "bound_at": at,
-            },
-        )
-        return self._audit(
-            AuditKind.SESSION_BOUND, at, client_id=client_id, session_id=session_id, role=role
-        )
-
-    def _unbind_client(self, role: LinkRole, client_id: str) -> None:
-        client_id = require_id(_ROLE_ARGUMENT[role], client_id)
-        self._check_removable()
-        if client_id not in self._live.session_maps[role]:
-            return
-        self._check_open()
-        at = datetime.now(UTC)
-        for session_id, link_id in self._live.unbind_client(role, client_id):
-            self._append(Op.LINK_CLOSE, {"b_id": link_id, "b_at": at})
-            self._audit(
-                AuditKind.SESSION_UNBOUND, at, client_id=client_id, session_id=session_id, role=role
-            )
-            if session_id not in self._live.links:
-                self._forget(session_id, at)
-
-    def _forget(self, session_id: str, at: datetime) -> None:
-        """Drop a session left without links; a live one ends ``cancelled``: an interrupted
-        one too, since its owner finds it only through its links."""
-        session = self._live.sessions.pop(session_id, None)
-        if session is not None:
-            self._set_session(
-                session,
-                state=SessionState.CANCELLED,
-                ended_at=at,
-                end_reason=closes.SESSION_UNLINKED,
-                kind=AuditKind.SESSION_ENDED,
-                at=at,
-            )
-
-    def _end(self, session_id: str, state: SessionState | str, reason: str | None) -> int | None:
-        try:
-            final = SessionState(state)
-        except ValueError:
-            final = SessionState.ACTIVE
-        if not final.is_final:
-            raise InvalidArgumentError(
-                "state",
-                f"must be completed, failed or cancelled, not {state!r} "
-                "(a session is interrupted only by its server run stopping)",
-            )
-        reason = free_text("reason", reason)
-        session_id = require_id("session_id", session_id)
-        self._check_removable()
-        session = self._live.sessions.get(session_id)
-        if session is None:
-            return None
-        self._check_open()
-        at = datetime.now(UTC)
-        sequence = None
-        for role, client_id, link_id in self._live.unbind_session(session_id):
-            self._append(Op.LINK_CLOSE, {"b_id": link_id, "b_at": at})
-            sequence = self._audit(
-                AuditKind.SESSION_UNBOUND, at, client_id=client_id, session_id=session_id, role=role
-            )
-        del self._live.sessions[session_id]
-        if not session.state.is_final:
-            sequence = self._set_session(
-                session,
-                state=final,
-                ended_at=at,
-                end_reason=reason,
-                kind=AuditKind.SESSION_ENDED,
-                at=at,
-            )
-        return sequence
-
-    def _set_session(
-        self, session: SessionInfo, *, kind: AuditKind | None, at: datetime, **changes: Any
-    ) -> int:
-        """Record ``session`` with ``changes`` in memory (while not final) and in the journal."""
-        if changes:
-            session = dataclasses.replace(session, **changes)
-        if not session.state.is_final:
-            self._live.sessions[session.session_id] = session
-        sequence = self._append(
-            Op.SESSION,
-            {
-                "session_id": session.session_id,
-                "owner_id": session.owner_id,
-                "executor_id": session.executor_id,
-                "task_name": session.task_name,
-                "state": session.state.value,
-                "node_id": self.node_id,
-                "created_at": session.created_at,
-                "ended_at": session.ended_at,
-                "end_reason": session.end_reason,
-            },
-        )
-        if kind is not None:
-            sequence = self._audit(
-                kind,
-                at,
-                client_id=session.owner_id,
-                session_id=session.session_id,
-                state=session.state.value,
-                reason=session.end_reason,
-            )
-        return sequence
+        self._sessions.end(session_id, state, reason)
 
     # -- session lifecycle (server) --------------------------------------------------------
 
@@ -889,7 +380,7 @@ class Registry:
         """How many live sessions this node holds in each state: ``active`` ones, and
         ``interrupted`` ones waiting for their owner to resume or end them. A session leaves
         the count when it ends."""
-        return dict(Counter(session.state for session in self._live.sessions.values()))
+        return self._sessions.counts()
 
     def get_session(self, session_id: str) -> SessionInfo | None:
         """The session if it is live on this node (active or interrupted), else None."""
@@ -898,16 +389,7 @@ class Registry:
     def get_interrupted_sessions(self, client_id: str) -> list[SessionInfo]:
         """Sessions owned by ``client_id`` that were active when a server run stopped (O(its
         links)). Each stays until its owner re-opens it (:meth:`open_session`) or ends it."""
-        found = []
-        for session_id in self._live.sessions_of(client_id):
-            session = self._live.sessions.get(session_id)
-            if (
-                session is not None
-                and session.owner_id == client_id
-                and session.state is SessionState.INTERRUPTED
-            ):
-                found.append(session)
-        return found
+        return self._sessions.interrupted_of(client_id)
 
     async def open_session(
         self,
@@ -930,129 +412,28 @@ class Registry:
         ended (``completed``, ``failed``, ``cancelled``) keeps its record: opening it again
         raises :class:`SessionFinishedError` and nothing changes, also after a restart.
         """
-        session_id = require_id("session_id", session_id)
-        owner_id = require_id("owner_id", owner_id)
-        executor_id = require_id("executor_id", executor_id)
-        if task_name is not None:
-            task_name = require_id("task_name", task_name)
-        self.journal.admit("session")
-        if session_id not in self._live.sessions:
-            # The session's earlier rows may still be queued: read them once they are in.
-            await self.journal.flush()
-            stored = await self.history.session_status(session_id)
-            if stored is not None:
-                stored_owner, stored_state = stored
-                if stored_owner is not None and stored_owner != owner_id:
-                    raise SessionOwnershipError(session_id, stored_owner)
-                if stored_state.is_final:
-                    raise SessionFinishedError(session_id, stored_state.value)
-        existing = self._live.sessions.get(session_id)  # again: the await may have let one in
-        if existing is not None and existing.owner_id != owner_id:
-            raise SessionOwnershipError(session_id, existing.owner_id)
-        at = datetime.now(UTC)
-        session = SessionInfo(
-            session_id=session_id,
-            owner_id=owner_id,
-            executor_id=executor_id,
-            task_name=task_name,
-            state=SessionState.ACTIVE,
-            created_at=existing.created_at if existing else at,
-        )
-        first = self.journal.last_sequence + 1
-        sequence = self._set_session(session, kind=AuditKind.SESSION_OPENED, at=at)
-        if owner_id != executor_id:
-            sequence = self._bind(LinkRole.CONSTELLATION, owner_id, session_id) or sequence
-        sequence = self._bind(LinkRole.DEVICE, executor_id, session_id) or sequence
-        opening = range(first, self.journal.last_sequence + 1)
-        try:
-            await self.journal.wait(sequence)
-        except BaseException:
-            # Not durable in time (the caller timed out or was cancelled): the session will
-            # not run.
-            self._withdraw_session(session, opening, was_live=existing is not None)
-            raise
-        return session
-
-    def _withdraw_session(
-        self, session: SessionInfo, opening: Sequence[int], *, was_live: bool
-    ) -> None:
-        """Undo the opening of ``session`` (the operations ``opening``), which was not durable
-        in time, unless the session has been taken over meanwhile.
-
-        A session new to this node is forgotten and none of its opening is ever written,
-        unless that was committed meanwhile; then (and for a session that was live before
-        this opening) it ends ``failed`` (reason ``store_unavailable``).
-        """
-        session_id = session.session_id
-
-        def end() -> None:
-            if self._live.sessions.get(session_id) is session:
-                self._end(session_id, SessionState.FAILED, closes.SESSION_NOT_DURABLE)
-
-        def forget() -> None:
-            if self._live.sessions.get(session_id) is session:
-                self._live.unbind_session(session_id)
-                del self._live.sessions[session_id]
-
-        if was_live:
-            end()
-        else:
-            self.journal.retract(opening, committed=end, dropped=forget)
+        return await self._sessions.open(session_id, owner_id, executor_id, task_name)
 
     async def end_session(
         self, session_id: str, state: SessionState | str, reason: str | None = None
     ) -> None:
         """:meth:`remove_session` with an explicit final state, returning once durable."""
-        await self._durable(self._end(session_id, state, reason))
+        await self._run.durable(self._sessions.end(session_id, state, reason))
 
     # -- device info -----------------------------------------------------------------------
 
     def set_device_info(self, device_id: str, device_info: dict[str, Any]) -> None:
         """Cache a device's system information; a snapshot is stored when it changed."""
-        self._set_device_info(device_id, device_info)
+        self._clients.set_device_info(device_id, device_info)
 
     async def set_device_info_durable(self, device_id: str, device_info: dict[str, Any]) -> None:
         """:meth:`set_device_info`, returning once the snapshot (if any) is durable."""
-        await self._durable(self._set_device_info(device_id, device_info))
-
-    def _set_device_info(self, device_id: str, device_info: dict[str, Any]) -> int | None:
-        device_id = require_id("device_id", device_id)
-        document = require_document("device_info", device_info, cap=self._device_info_cap)
-        self._check_open()
-        digest = hashlib.sha256(document.encode()).hexdigest()
-        cached = self._live.device_info.get(device_id)
-        if cached is not None and cached.digest == digest:
-            return None
-        entry = self._live.device_info[device_id] = DeviceInfoEntry(document, digest)
-        at = datetime.now(UTC)
-        first = self._append(
-            Op.DEVICE_INFO,
-            {
-                "device_id": device_id,
-                "captured_at": at,
-                "digest": digest,
-                "info": json.loads(document),
-            },
-            len(document),
-        )
-        sequence = self._audit(
-            AuditKind.DEVICE_INFO_CHANGED, at, client_id=device_id, digest=digest
-        )
-        registration = self._registrations.get(device_id)
-        if registration is not None and not self.journal.is_committed(registration.sequences[-1]):
-            # Set along with a registration not yet durable: withdrawn with it, if it is.
-            registration.sequences.extend((first, sequence))
-            if registration.device_info is None:
-                registration.replaced_device_info = cached
-            registration.device_info = entry
-        return sequence
+        await self._run.durable(self._clients.set_device_info(device_id, device_info))
 
     def get_device_info(self, device_id: str) -> dict[str, Any] | None:
         """A copy of a device's cached information, or None."""
         cached = self._live.device_info.get(device_id)
-        if cached is None:
-            return None
-        info: dict[str, Any] = json.loads(cached.document)
+        info: dict[str, Any] | None = None if cached is None else json.loads(cached.document)
         return info
 
 

@@ -80,9 +80,8 @@ async def ensure_schema(engine: AsyncEngine, *, auto_migrate: bool) -> None:
 async def run_alembic(url: str, action: str) -> None:
     """Run an Alembic command (``upgrade``, ``current`` or ``check``) on ``url``'s database,
     sharing one connection; errors come back as registry errors."""
-    from sqlalchemy.exc import SQLAlchemyError
 
-    from registry.errors import StoreUnavailableError, describe
+    from registry.errors import store_errors
     from registry.store.dialect import create_engine
 
     def run(connection: Connection) -> None:
@@ -104,10 +103,9 @@ async def run_alembic(url: str, action: str) -> None:
 
     engine = create_engine(url)
     try:
-        async with engine.connect() as connection:
-            await connection.run_sync(run)
-            await connection.commit()
-    except SQLAlchemyError as exc:
-        raise StoreUnavailableError(f"cannot reach {url}: {describe(exc)}") from exc
+        with store_errors(f"cannot reach {url}"):
+            async with engine.connect() as connection:
+                await connection.run_sync(run)
+                await connection.commit()
     finally:
         await engine.dispose()

@@ -9,7 +9,9 @@ per-row machinery: the same compiled SQL and the same type processors, but a val
 several rows of a batch share (one mutation stamps its client, connection and audit rows with
 one ``datetime``, its client and connection rows with one metadata dict) is converted once.
 The stored values are the ones SQLAlchemy would write. Other dialects use SQLAlchemy's
-executemany as it is.
+executemany as it is. The plan reads compiler internals (``positiontup``,
+``escaped_bind_names``): pyproject pins SQLAlchemy to the versions that
+``tests/core/test_fast_path.py`` checks it on.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from __future__ import annotations
 import enum
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from operator import itemgetter
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import Dialect, bindparam, func, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -31,7 +33,91 @@ from sqlalchemy.sql.dml import UpdateBase
 from registry.store import models
 from registry.store.dialect import upsert
 
-Row = dict[str, Any]
+#: A journalled row as the writer handles it: one of the row shapes below.
+Row = Mapping[str, Any]
+
+
+class ClientRow(TypedDict):
+    """:data:`Op.CLIENT`: a whole ``clients`` row."""
+
+    client_id: str
+    client_type: str
+    platform: str
+    first_seen: datetime
+    last_seen: datetime
+    metadata: dict[str, Any]
+
+
+class ConnectionOpenRow(TypedDict):
+    """:data:`Op.CONNECTION_OPEN`: a new ``connections`` row."""
+
+    connection_id: str
+    client_id: str
+    node_id: str
+    client_type: str
+    platform: str
+    metadata: dict[str, Any]
+    remote_address: str | None
+    connected_at: datetime
+
+
+class Stamp(TypedDict):
+    """An update of one row by its id at a time. The keys are bind names, not column names:
+    SQLAlchemy keeps the column names for the values an UPDATE sets."""
+
+    b_id: str
+    b_at: datetime
+
+
+class ConnectionCloseRow(Stamp):
+    """:data:`Op.CONNECTION_CLOSE`: the end of a ``connections`` row (``b_id``)."""
+
+    b_code: int | None
+    b_reason: str
+
+
+class SessionRow(TypedDict):
+    """:data:`Op.SESSION`: a whole ``sessions`` row."""
+
+    session_id: str
+    owner_id: str | None
+    executor_id: str | None
+    task_name: str | None
+    state: str
+    node_id: str
+    created_at: datetime
+    ended_at: datetime | None
+    end_reason: str | None
+
+
+class LinkOpenRow(TypedDict):
+    """:data:`Op.LINK_OPEN`: a new ``session_links`` row."""
+
+    link_id: str
+    session_id: str
+    client_id: str
+    role: str
+    bound_at: datetime
+
+
+class DeviceInfoRow(TypedDict):
+    """:data:`Op.DEVICE_INFO`: a new ``device_info_snapshots`` row."""
+
+    device_id: str
+    captured_at: datetime
+    digest: str
+    info: dict[str, Any]
+
+
+class AuditRow(TypedDict):
+    """:data:`Op.AUDIT`: a new ``audit_events`` row."""
+
+    at: datetime
+    node_id: str | None
+    kind: str
+    client_id: str | None
+    session_id: str | None
+    details: dict[str, Any]
 
 
 class Op(enum.Enum):
@@ -39,14 +125,27 @@ class Op(enum.Enum):
 
     CLIENT = "client"  # whole-row upsert of clients (first_seen kept from the first insert)
     CONNECTION_OPEN = "connection_open"  # insert into connections
-    CONNECTION_CLOSE = "connection_close"  # b_id, b_at, b_code, b_reason
+    CONNECTION_CLOSE = "connection_close"  # end a connections row
     SESSION = "session"  # whole-row upsert of sessions (owner/executor/created_at kept)
     LINK_OPEN = "link_open"  # insert into session_links
-    LINK_CLOSE = "link_close"  # b_id, b_at
+    LINK_CLOSE = "link_close"  # unbind a session_links row
     DEVICE_INFO = "device_info"  # insert into device_info_snapshots
     AUDIT = "audit"  # insert into audit_events
-    NODE_BEAT = "node_beat"  # b_id, b_at
+    NODE_BEAT = "node_beat"  # a nodes row's heartbeat
 
+
+#: The row shape each operation carries (a :class:`Stamp` for the link close and the beat).
+ROWS: dict[Op, type[Mapping[str, Any]]] = {
+    Op.CLIENT: ClientRow,
+    Op.CONNECTION_OPEN: ConnectionOpenRow,
+    Op.CONNECTION_CLOSE: ConnectionCloseRow,
+    Op.SESSION: SessionRow,
+    Op.LINK_OPEN: LinkOpenRow,
+    Op.LINK_CLOSE: Stamp,
+    Op.DEVICE_INFO: DeviceInfoRow,
+    Op.AUDIT: AuditRow,
+    Op.NODE_BEAT: Stamp,
+}
 
 ORDER = (
     Op.CLIENT,
