@@ -15,6 +15,8 @@ heartbeat, recovery) and its recorder (:mod:`registry.recorder`: changes into ro
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Self
 
@@ -44,6 +46,22 @@ from registry.validation import (
     require_id,
     require_positive,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    """Whether the store keeps up, and the journal's figures (:meth:`Registry.store_status`)."""
+
+    #: Why the store is not keeping up (a failing or stalled commit, a full journal), or None.
+    fault: str | None
+    #: Operations queued and not yet committed, and the depth at which new work is refused.
+    depth: int
+    limit: int
+    #: Bytes the queued operations hold, and the bytes at which new work is refused.
+    depth_bytes: int
+    limit_bytes: int
+    #: Registrations and sessions refused because the journal was full, by what was refused.
+    refused: Mapping[str, int]
 
 
 class Registry(Generic[S]):
@@ -156,6 +174,18 @@ class Registry(Generic[S]):
     @property
     def journal(self) -> Journal:
         return self._run.journal
+
+    def store_status(self) -> StoreStatus:
+        """How the store keeps up now (for health checks and metrics)."""
+        journal = self._run.journal
+        return StoreStatus(
+            journal.fault(),
+            journal.depth,
+            journal.limit,
+            journal.depth_bytes,
+            journal.limit_bytes,
+            dict(journal.refused),
+        )
 
     def ensure_free(self) -> None:
         """Raise :class:`DatabaseInUseError` if another registry has this SQLite database now
