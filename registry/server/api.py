@@ -21,6 +21,7 @@ from registry.errors import InvalidArgumentError, StoreUnavailableError
 from registry.registry import Registry
 from registry.server.aip import STORE_BEHIND, sanitise_task_name
 from registry.server.apikey import token_matches
+from registry.server.peer import Peer
 from registry.server.sessions import SessionManager
 from registry.types import ClientType
 from registry.validation import storable_text
@@ -99,8 +100,8 @@ def require_api_key(request: Request, key: str | None = Depends(_api_key_header)
         raise HTTPException(status_code=401, detail="Invalid API key")
 
 
-def _registry(request: Request) -> Registry:
-    registry: Registry = request.app.state.registry
+def _registry(request: Request) -> Registry[Peer]:
+    registry: Registry[Peer] = request.app.state.registry
     return registry
 
 
@@ -109,11 +110,11 @@ def _sessions(request: Request) -> SessionManager:
     return sessions
 
 
-RegistryDep = Annotated[Registry, Depends(_registry)]
+RegistryDep = Annotated[Registry[Peer], Depends(_registry)]
 SessionsDep = Annotated[SessionManager, Depends(_sessions)]
 
 
-def _online(registry: Registry) -> list[str]:
+def _online(registry: Registry[Peer]) -> list[str]:
     return [info.client_id for info in registry.get_all_clients()]
 
 
@@ -168,18 +169,17 @@ def create_router() -> APIRouter:
         """``healthy`` while the store keeps up; ``degraded`` (503) while commits fail or stall
         or the journal is full, with the reason and the journal's depth and limit, in
         operations and in bytes."""
-        journal = registry.journal
-        fault = journal.fault()
-        if fault is not None:
+        status = registry.store_status()
+        if status.fault is not None:
             return JSONResponse(
                 status_code=503,
                 content={
                     "status": "degraded",
-                    "error": fault,
-                    "journal_depth": journal.depth,
-                    "journal_limit": journal.limit,
-                    "journal_bytes": journal.depth_bytes,
-                    "journal_limit_bytes": journal.limit_bytes,
+                    "error": status.fault,
+                    "journal_depth": status.depth,
+                    "journal_limit": status.limit,
+                    "journal_bytes": status.depth_bytes,
+                    "journal_limit_bytes": status.limit_bytes,
                     "online_clients": _online(registry),
                 },
             )

@@ -20,6 +20,7 @@ from registry.server import redaction
 from registry.server.api import API_ERRORS, create_router, require_api_key
 from registry.server.history_api import create_history_router
 from registry.server.metrics import Metrics
+from registry.server.peer import Peer
 from registry.server.sessions import SessionManager, SessionRunner
 from registry.server.ws import Endpoint
 from registry.settings import Settings
@@ -66,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     logging.getLogger("uvicorn.error").addFilter(_CLIENT_FAULTS)  # a no-op when already added
     redaction.install()  # no credential in uvicorn's log lines
 
-    registry = Registry(
+    registry = Registry[Peer](
         settings.database_url,
         on_duplicate=settings.on_duplicate,
         node_name=settings.node_name or f"{socket.gethostname()}:{settings.port}",

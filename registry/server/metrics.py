@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 from registry.audit import AuditKind
 from registry.registry import Registry
+from registry.server.peer import Peer
 from registry.store.writes import Op, Row
 from registry.types import SessionState
 
@@ -21,7 +22,7 @@ BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
 
 
 class _LiveCollector(Collector):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry[Peer]) -> None:
         self._registry = registry
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
@@ -39,22 +40,22 @@ class _LiveCollector(Collector):
         for state in (SessionState.ACTIVE, SessionState.INTERRUPTED):
             sessions.add_metric([state.value], counts.get(state, 0))
         yield sessions
-        journal = registry.journal
+        status = registry.store_status()
         yield GaugeMetricFamily(
-            "registry_journal_depth", "Operations queued and not yet committed.", journal.depth
+            "registry_journal_depth", "Operations queued and not yet committed.", status.depth
         )
         yield GaugeMetricFamily(
-            "registry_journal_limit", "Journal depth at which new work is refused.", journal.limit
+            "registry_journal_limit", "Journal depth at which new work is refused.", status.limit
         )
         yield GaugeMetricFamily(
             "registry_journal_bytes",
             "Bytes the queued operations hold (their documents' JSON size, 600 per operation).",
-            journal.depth_bytes,
+            status.depth_bytes,
         )
         yield GaugeMetricFamily(
             "registry_journal_limit_bytes",
             "Journal bytes at which new work is refused.",
-            journal.limit_bytes,
+            status.limit_bytes,
         )
         refused = CounterMetricFamily(
             "registry_journal_refused",
@@ -62,20 +63,20 @@ class _LiveCollector(Collector):
             labels=["what"],
         )
         for what in ("registration", "session"):
-            refused.add_metric([what], journal.refused.get(what, 0))
+            refused.add_metric([what], status.refused.get(what, 0))
         yield refused
         yield GaugeMetricFamily(
             "registry_store_healthy",
             "1 while the store keeps up; 0 while commits fail or stall or the journal is full "
             "(by operations or bytes).",
-            0 if journal.fault() is not None else 1,
+            0 if status.fault is not None else 1,
         )
 
 
 class Metrics:
     """This app's metrics, in a collector registry of its own."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry[Peer]) -> None:
         self.collectors = CollectorRegistry(auto_describe=True)
         self._opened = Counter(
             "registry_connections_opened",

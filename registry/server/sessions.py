@@ -22,7 +22,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from registry.errors import RegistryError
 from registry.registry import Registry
@@ -166,7 +166,7 @@ class SessionManager:
 
     def __init__(
         self,
-        registry: Registry,
+        registry: Registry[Peer],
         runner: SessionRunner,
         command_timeout: float,
         store_timeout: float,
@@ -191,7 +191,7 @@ class SessionManager:
         return len(self._owned.get(owner_id, ()))
 
     def _peer(self, client_id: str) -> Peer | None:
-        return cast(Peer | None, self._registry.get_client(client_id))
+        return self._registry.get_client(client_id)
 
     def start(self, context: SessionContext) -> None:
         """Run ``context`` with the runner in a task of its own."""

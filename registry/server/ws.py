@@ -81,7 +81,9 @@ class _Connection:
 class Endpoint:
     """The WebSocket handler, one instance per app."""
 
-    def __init__(self, settings: Settings, registry: Registry, sessions: SessionManager) -> None:
+    def __init__(
+        self, settings: Settings, registry: Registry[Peer], sessions: SessionManager
+    ) -> None:
         self._settings = settings
         self._registry = registry
         self._sessions = sessions
@@ -252,7 +254,7 @@ class Endpoint:
             )
             if registration.system_info is not None:
                 self._registry.set_device_info(client_id, registration.system_info)
-            if isinstance(holder, Peer):
+            if holder is not None:
                 logger.warning(
                     "client %s registered again: its earlier connection is replaced (%s)",
                     client_id,
@@ -290,7 +292,7 @@ class Endpoint:
         frozen or cut off without a FIN would otherwise keep its id until the keepalive pings
         give up (``ping_interval`` + ``ping_timeout``) and lock its own reconnects out."""
         holder = self._registry.get_client(client_id)
-        if not isinstance(holder, Peer) or self._settings.on_duplicate is DuplicatePolicy.REPLACE:
+        if holder is None or self._settings.on_duplicate is DuplicatePolicy.REPLACE:
             return None
         return None if await holder.alive(within=self._settings.twin_ping_timeout) else holder
 
