@@ -20,13 +20,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from registry.errors import InvalidArgumentError, StoreUnavailableError, describe
 from registry.store import models
-from registry.store.dialect import epoch_seconds, greatest, least
+from registry.store.dialect import epoch_seconds, greatest, hour_start, least
 from registry.types import (
     AuditEvent,
     ClientSummary,
     ClientType,
     ConnectionRecord,
     DeviceInfoSnapshot,
+    HourFigures,
+    HourlyStatistics,
     LinkRole,
     Page,
     SessionDetail,
@@ -38,6 +40,9 @@ from registry.types import (
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+HOUR = timedelta(hours=1)
+#: The longest window :meth:`History.hourly` answers (744 hours).
+MAX_HOURLY_WINDOW = timedelta(days=31)
 
 T = TypeVar("T")
 
@@ -398,6 +403,104 @@ class History:
                 return await _statistics(connection, since, until)
         except SQLAlchemyError as exc:
             raise StoreUnavailableError(f"statistics query failed: {describe(exc)}") from exc
+
+    async def hourly(
+        self, *, since: datetime | None = None, until: datetime | None = None
+    ) -> HourlyStatistics:
+        """Figures of every UTC hour that overlaps ``[since, until)`` (see
+        :class:`~registry.types.HourFigures`), zeros included, oldest first. The window is
+        widened to whole hours (the answer's ``since`` and ``until``); by default it is the 24
+        hours that end with the current one. At most :data:`MAX_HOURLY_WINDOW`."""
+        until = _aware("until", until) or datetime.now(UTC)
+        end = _hour_ceiling(until)
+        since = _aware("since", since)
+        if since is None:  # a day back, or from the first hour there is
+            since = max(end, _FIRST_HOUR + timedelta(days=1)) - timedelta(days=1)
+        start = _hour_floor(since)
+        if start > end:
+            raise InvalidArgumentError("since", "must not be after until")
+        if end - start > MAX_HOURLY_WINDOW:
+            raise InvalidArgumentError(
+                "since", f"the window is at most {MAX_HOURLY_WINDOW.days} days of whole hours"
+            )
+        try:
+            async with self._engine.connect() as connection:
+                items = await _hourly(connection, start, end)
+        except SQLAlchemyError as exc:
+            raise StoreUnavailableError(f"hourly statistics failed: {describe(exc)}") from exc
+        return HourlyStatistics(items=items, since=start, until=end)
+
+
+_FIRST_HOUR = datetime.min.replace(tzinfo=UTC)
+
+
+def _hour_floor(at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _hour_ceiling(at: datetime) -> datetime:
+    floor = _hour_floor(at)
+    if floor == at:
+        return floor
+    try:
+        return floor + HOUR
+    except OverflowError:
+        raise InvalidArgumentError("until", "is later than the last whole hour") from None
+
+
+async def _hourly(connection: AsyncConnection, start: datetime, end: datetime) -> list[HourFigures]:
+    """The hours of ``[start, end)`` (whole hours) from the connection rows."""
+    c = models.connections.c
+    dialect = connection.dialect.name
+    hours = int((end - start) / HOUR)
+    connects = [0] * hours
+    disconnects: list[dict[str, int]] = [{} for _ in range(hours)]
+    seconds = [0.0] * hours
+
+    def index(at: datetime) -> int:
+        return int((at - start) / HOUR)
+
+    opened = hour_start(dialect, c.connected_at)
+    for hour, count in await connection.execute(
+        select(opened, func.count())
+        .where(c.connected_at >= start, c.connected_at < end)
+        .group_by(opened)
+    ):
+        connects[index(hour)] = count
+    closed = hour_start(dialect, c.disconnected_at)
+    for hour, reason, count in await connection.execute(
+        select(closed, c.close_reason, func.count())
+        .where(c.disconnected_at >= start, c.disconnected_at < end)
+        .group_by(closed, c.close_reason)
+    ):
+        by_reason = disconnects[index(hour)]
+        by_reason[reason or ""] = by_reason.get(reason or "", 0) + count
+    now = datetime.now(UTC)
+    # Connections overlapping the window, in three index range scans (as for availability).
+    for condition in (
+        and_(c.connected_at >= start, c.connected_at < end),
+        and_(c.connected_at < start, c.disconnected_at > start),
+        and_(c.connected_at < start, c.disconnected_at.is_(None)),
+    ):
+        for began, ended in await connection.execute(
+            select(c.connected_at, c.disconnected_at).where(condition)
+        ):
+            began, ended = max(began, start), min(ended or now, now, end)
+            while began < ended:
+                slot = index(began)
+                boundary = min(start + (slot + 1) * HOUR, ended)
+                seconds[slot] += (boundary - began).total_seconds()
+                began = boundary
+    return [
+        HourFigures(
+            hour=start + n * HOUR,
+            connects=connects[n],
+            disconnects=sum(disconnects[n].values()),
+            disconnects_by_reason=disconnects[n],
+            connected_seconds=seconds[n],
+        )
+        for n in range(hours)
+    ]
 
 
 async def _statistics(connection: AsyncConnection, since: datetime, until: datetime) -> Statistics:

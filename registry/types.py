@@ -157,6 +157,29 @@ class Statistics:
 
 
 @dataclass(frozen=True, slots=True)
+class HourFigures:
+    """What happened in one UTC hour ``[hour, hour + 1 h)``, cluster-wide: connections opened
+    (``connects``) and closed (``disconnects``, and by close reason, ``""`` for none), and the
+    seconds of connection time inside the hour summed over all connections (open ones count
+    up to now)."""
+
+    hour: datetime
+    connects: int = 0
+    disconnects: int = 0
+    disconnects_by_reason: dict[str, int] = field(default_factory=dict)
+    connected_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HourlyStatistics:
+    """One :class:`HourFigures` per hour of ``[since, until)`` (whole hours), oldest first."""
+
+    items: list[HourFigures]
+    since: datetime
+    until: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class ClientSummary:
     """What is known of one client id: its last registration, first/last seen, how many
     connections it made, and whether one is open now (on any node, or on this one)."""

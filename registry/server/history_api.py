@@ -15,6 +15,7 @@ from registry.types import (
     ClientSummary,
     ConnectionRecord,
     DeviceInfoSnapshot,
+    HourlyStatistics,
     Page,
     SessionDetail,
     SessionRecord,
@@ -149,6 +150,15 @@ def create_history_router() -> APIRouter:
         if start is None and end is not None and end < _EARLIEST + _STATS_WINDOW:
             start = _EARLIEST  # the default window would begin before the first instant
         return await history.statistics(since=start, until=end)
+
+    @router.get("/stats/hourly")
+    async def stats_hourly(
+        history: HistoryDep, since: Since = None, until: Until = None
+    ) -> HourlyStatistics:
+        """Per UTC hour of the window (whole hours, at most 31 days; default: the 24 hours
+        ending with the current one): connections opened and closed, closes by reason, and
+        connected seconds."""
+        return await history.hourly(since=_utc(since), until=_utc(until))
 
     @router.get("/audit")
     async def audit(
