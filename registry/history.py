@@ -30,6 +30,7 @@ from registry.types import (
     HourFigures,
     HourlyStatistics,
     LinkRole,
+    NodeRecord,
     Page,
     SessionDetail,
     SessionLinkRecord,
@@ -40,6 +41,9 @@ from registry.types import (
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+#: Close reasons of connections that ended as they should: the client or an operator closed
+#: them, or the server shut down cleanly. Every other reason is worth a look.
+NORMAL_CLOSE_REASONS = ("client_closed", "going_away", "removed", "server_shutdown")
 HOUR = timedelta(hours=1)
 #: The longest window :meth:`History.hourly` answers (744 hours).
 MAX_HOURLY_WINDOW = timedelta(days=31)
@@ -429,6 +433,69 @@ class History:
         except SQLAlchemyError as exc:
             raise StoreUnavailableError(f"hourly statistics failed: {describe(exc)}") from exc
         return HourlyStatistics(items=items, since=start, until=end)
+
+    async def nodes(self, *, running_only: bool = False) -> list[NodeRecord]:
+        """Server runs, newest first (only those not stopped with ``running_only``), each
+        with the number of connections open on it now."""
+        n, c = models.nodes.c, models.connections.c
+        online = (
+            select(c.node_id, func.count().label("online"))
+            .where(c.disconnected_at.is_(None))
+            .group_by(c.node_id)
+            .subquery()
+        )
+        query = (
+            select(models.nodes, func.coalesce(online.c.online, 0).label("online"))
+            .outerjoin(online, online.c.node_id == n.node_id)
+            .order_by(n.started_at.desc(), n.node_id)
+            .limit(MAX_LIMIT)
+        )
+        if running_only:
+            query = query.where(n.stopped_at.is_(None))
+        rows = await self._rows(query)
+        return [
+            NodeRecord(
+                node_id=row.node_id,
+                name=row.name,
+                hostname=row.hostname,
+                pid=row.pid,
+                started_at=row.started_at,
+                heartbeat_at=row.heartbeat_at,
+                stopped_at=row.stopped_at,
+                stop_reason=row.stop_reason,
+                online=row.online,
+            )
+            for row in rows
+        ]
+
+    async def disconnects(
+        self,
+        *,
+        abnormal: bool = False,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> Page[ConnectionRecord]:
+        """Connections closed in ``[since, until)``, newest close first; with ``abnormal``,
+        only those whose reason is not one of :data:`NORMAL_CLOSE_REASONS`."""
+        c = models.connections.c
+        conditions = [c.disconnected_at.is_not(None), *_window(c.disconnected_at, since, until)]
+        if abnormal:
+            conditions.append(
+                or_(c.close_reason.is_(None), c.close_reason.not_in(NORMAL_CLOSE_REASONS))
+            )
+        if cursor is not None:
+            at, connection_id = decode_cursor(cursor, datetime, str)
+            conditions.extend(_before(c.disconnected_at, at, c.connection_id, connection_id))
+        query = (
+            select(models.connections)
+            .where(*conditions)
+            .order_by(c.disconnected_at.desc(), c.connection_id.desc())
+        )
+        return await self._page(
+            query, limit, _connection_record, lambda row: (row.disconnected_at, row.connection_id)
+        )
 
 
 _FIRST_HOUR = datetime.min.replace(tzinfo=UTC)

@@ -239,3 +239,18 @@ class Page(Generic[T]):
 
     items: list[T] = field(default_factory=list)
     next_cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """One server run (a row of ``nodes``) and how many connections are open on it now."""
+
+    node_id: str
+    name: str
+    hostname: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    stopped_at: datetime | None
+    stop_reason: str | None
+    online: int

@@ -18,6 +18,7 @@ from registry.errors import InvalidArgumentError, StoreUnavailableError
 from registry.registry import Registry
 from registry.server.api import API_ERRORS, create_router, require_api_key
 from registry.server.events import EventFeed, create_events_router
+from registry.server.fleet_api import create_fleet_router
 from registry.server.history_api import create_history_router
 from registry.server.metrics import Metrics
 from registry.server.sessions import SessionManager, SessionRunner
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(create_router())
     app.include_router(create_history_router())
     app.include_router(create_events_router())
+    app.include_router(create_fleet_router())
 
     @app.exception_handler(InvalidArgumentError)
     async def invalid_argument(request: Request, exc: InvalidArgumentError) -> JSONResponse:
