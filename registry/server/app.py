@@ -16,7 +16,9 @@ from uvicorn.importer import ImportFromStringError, import_from_string
 
 from registry.errors import InvalidArgumentError, StoreUnavailableError
 from registry.registry import Registry
+from registry.server import ui
 from registry.server.api import API_ERRORS, create_router, require_api_key
+from registry.server.docs import create_docs_router
 from registry.server.events import EventFeed, create_events_router
 from registry.server.fleet_api import create_fleet_router
 from registry.server.history_api import create_history_router
@@ -101,13 +103,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await sessions.close()
             await registry.close()
 
-    app = FastAPI(title="registry", lifespan=lifespan)
+    # /docs is served from the package (registry.server.docs); ReDoc would need a CDN.
+    app = FastAPI(title="registry", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts())
     app.include_router(create_router())
     app.include_router(create_history_router())
     app.include_router(create_events_router())
     app.include_router(create_fleet_router())
+    app.include_router(create_docs_router())
+    ui.install(app)
 
     @app.exception_handler(InvalidArgumentError)
     async def invalid_argument(request: Request, exc: InvalidArgumentError) -> JSONResponse:
