@@ -1,26 +1,149 @@
 """The dashboard in a real browser (headless Chromium) against a real ``registry serve`` and
-real WebSocket clients. Each test saves screenshots under ``test-artifacts/ui/``."""
+real WebSocket clients. Each test saves screenshots of the pages it shows under
+``test-artifacts/ui/``."""
 
 from __future__ import annotations
 
 import pytest
 from playwright.async_api import expect
 
-from tests.support import Clients
-from tests.ui.conftest import Browser, Served
+from tests.support import API_KEY, Client, Clients
+from tests.ui.conftest import Browser
 
 pytestmark = pytest.mark.timeout(90)
 
+#: No '/' (ids must be addressable over REST), but markup all the same.
+HOSTILE_ID = '<img src=x onerror="window.pwned=1"><script>window.pwned=2<'
+HOSTILE_VALUE = "<script>window.pwned=3</script>"
+
+
+async def _session(constellation: Client, device: Client, session_id: str) -> None:
+    """A session the device completes, run through the server like any other."""
+    await constellation.send_as(
+        "task", target_id=device.client_id, session_id=session_id, task_name="job", request="go"
+    )
+    await constellation.recv_type("heartbeat")
+    await device.answer_command(session_id)
+    await constellation.recv_type("task_end")
+
 
 async def test_overview_asks_for_the_key_once_and_shows_the_fleet(
-    browser: Browser, served: Served, devices: Clients
+    browser: Browser, devices: Clients
 ) -> None:
     await devices.device("dev-1", system_info={"cpu": 4})
     await devices.constellation("const-1")
+    lost = await devices.device("dev-lost")
+    lost.ws.transport.abort()
     page = await browser.open("/ui/")
     await expect(page.locator("#key-gate")).to_be_visible()
     await browser.enter_key()
+    await expect(page.locator("#key-gate")).to_be_hidden()
     await expect(page.locator("[data-test=online-total]")).to_have_text("2")
     await expect(page.locator("[data-test=store]")).to_contain_text("healthy")
+    abnormal = page.locator("[data-test=abnormal] tbody tr")
+    await expect(abnormal).to_have_count(1)
+    await expect(abnormal).to_contain_text("connection_lost")
     await browser.screenshot("overview")
+    # Kept for the tab's session, never in the URL: other pages do not ask again.
+    assert API_KEY not in page.url
+    await browser.open("/ui/audit")
+    await expect(page.locator("[data-test=audit] tbody tr").first).to_be_visible()
+    await expect(page.locator("#key-gate")).to_be_hidden()
+    assert browser.errors == []
+
+
+async def test_a_wrong_key_is_refused_and_shows_nothing(browser: Browser, devices: Clients) -> None:
+    await devices.device("dev-1")
+    page = await browser.open("/ui/audit")
+    await browser.enter_key("not-the-key")
+    gate = page.locator("#key-gate")
+    await expect(gate).to_be_visible()
+    await expect(gate.get_by_role("alert")).to_have_text("Invalid API key")
+    await expect(page.locator("[data-test=audit] tbody tr")).to_have_count(0)
+    await browser.screenshot("wrong-key")
+    await browser.enter_key()
+    await expect(gate).to_be_hidden()
+    await expect(page.locator("[data-test=audit] tbody tr").first).to_be_visible()
+    assert browser.errors == []
+
+
+async def test_the_client_page_shows_its_timeline_info_sessions_and_audit(
+    browser: Browser, devices: Clients
+) -> None:
+    for cpu in (2, 4):
+        device = await devices.device("dev-1", system_info={"cpu": cpu})
+        await device.close()
+    device = await devices.device("dev-1", system_info={"cpu": 4, "gpu": True})
+    constellation = await devices.constellation("const-1")
+    await _session(constellation, device, "s-1")
+    page = await browser.open("/ui/client?id=dev-1")
+    await browser.enter_key()
+    await expect(page.locator("[data-test=connection-count]")).to_have_text("3")
+    await expect(page.locator("[data-test=connections] tbody tr")).to_have_count(3)
+    bars = await page.evaluate(
+        """() => Chart.getChart(document.querySelector("canvas"))
+            .data.datasets.map((set) => set.data.length)"""
+    )
+    assert bars == [1, 2, 0]  # open, closed normally, closed abnormally
+    await expect(page.locator("[data-test=summary]")).to_contain_text("online")
+    snapshots = page.locator("[data-test=snapshots] tbody tr")
+    await expect(snapshots).to_have_count(3)
+    await expect(snapshots.first).to_contain_text("+ gpu = true")
+    await expect(snapshots.nth(1)).to_contain_text("~ cpu: 2 → 4")
+    session_link = page.locator("[data-test=client-sessions]").get_by_role("link", name="s-1")
+    await expect(session_link).to_be_visible()
+    await expect(page.locator("[data-test=audit]")).to_contain_text("client_registered")
+    await browser.screenshot("client")
+
+    await session_link.click()
+    await expect(page.locator("[data-test=session-id]")).to_have_text("s-1")
+    await expect(page.locator("main")).to_contain_text("completed")
+    await expect(page.locator("[data-test=audit] tbody tr").first).to_contain_text("session_")
+    await browser.screenshot("session")
+    assert browser.errors == []
+
+
+async def test_a_hostile_client_id_and_metadata_show_as_text(
+    browser: Browser, devices: Clients
+) -> None:
+    await devices.register(HOSTILE_ID, metadata={"note": HOSTILE_VALUE})
+    page = await browser.open("/ui/audit")
+    await browser.enter_key()
+    link = page.locator("[data-test=audit] tbody a", has_text="onerror")
+    await expect(link).to_have_text(HOSTILE_ID)
+    await link.click()
+    await expect(page.locator("[data-test=client-id]")).to_have_text(HOSTILE_ID)
+    await expect(page.locator("[data-test=metadata]")).to_contain_text(HOSTILE_VALUE)
+    await browser.screenshot("hostile-id")
+    assert await page.evaluate("() => window.pwned") is None
+    assert await page.locator("main img, main script").count() == 0
+    assert browser.errors == []
+
+
+async def test_filters_are_in_the_url_and_survive_a_reload(
+    browser: Browser, devices: Clients
+) -> None:
+    await devices.device("dev-1")
+    await devices.device("dev-2")
+    page = await browser.open("/ui/audit")
+    await browser.enter_key()
+    form = page.get_by_role("search")
+    await form.get_by_label("Kind").select_option("client_registered")
+    await form.get_by_label("Client", exact=True).fill("dev-2")
+    await form.get_by_label("Client", exact=True).press("Enter")  # the keyboard is enough
+    rows = page.locator("[data-test=audit] tbody tr")
+    await expect(rows).to_have_count(1)
+    assert "kind=client_registered" in page.url
+    assert "client=dev-2" in page.url
+    await page.reload()
+    await expect(rows).to_have_count(1)
+    await expect(rows).to_contain_text("dev-2")
+    await expect(page.get_by_role("search").get_by_label("Client", exact=True)).to_have_value(
+        "dev-2"
+    )
+    await browser.screenshot("audit")
+
+    await browser.open("/ui/sessions?state=completed")
+    await expect(page.get_by_role("search").get_by_label("State")).to_have_value("completed")
+    await browser.screenshot("sessions")
     assert browser.errors == []
