@@ -162,10 +162,11 @@ def _start(name: str, command: Sequence[str], port: int, workdir: Path) -> Serve
     return server
 
 
-def start_registry(workdir: Path, log_level: str) -> ServerProcess:
-    """``registry serve --no-auth`` on a fresh SQLite file in ``workdir`` and a free port."""
+def start_registry(workdir: Path, log_level: str, database: Path | None = None) -> ServerProcess:
+    """``registry serve --no-auth`` on a free port, on ``database`` (an SQLite file) or by
+    default a fresh one in ``workdir``."""
     port = free_port()
-    database = workdir / f"registry-{port}.db"
+    database = database or workdir / f"registry-{port}.db"
     command = [
         sys.executable,
         "-m",
