@@ -147,3 +147,36 @@ async def test_filters_are_in_the_url_and_survive_a_reload(
     await expect(page.get_by_role("search").get_by_label("State")).to_have_value("completed")
     await browser.screenshot("sessions")
     assert browser.errors == []
+
+
+async def test_the_pages_work_with_the_keyboard(browser: Browser, devices: Clients) -> None:
+    await devices.device("dev-1")
+    page = await browser.open("/ui/audit")
+    key = page.locator("#key-gate").get_by_label("Key")
+    await expect(key).to_be_focused()  # asked for, the key field has the focus
+    await page.keyboard.type(API_KEY)
+    await page.keyboard.press("Enter")
+    await expect(page.locator("[data-test=audit] tbody tr").first).to_be_visible()
+    await expect(page.locator("#main")).to_be_focused()
+
+    await page.reload()  # the key is kept: straight to the page, focus at its start
+    await expect(page.locator("[data-test=audit] tbody tr").first).to_be_visible()
+    await page.keyboard.press("Tab")
+    await expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
+    for _ in range(8):  # on through the navigation
+        await page.keyboard.press("Tab")
+        if await page.evaluate("() => document.activeElement.textContent") == "Sessions":
+            break
+    await page.keyboard.press("Enter")
+    await page.wait_for_url("**/ui/sessions")
+    state = page.get_by_role("search").get_by_label("State")
+    await state.focus()
+    await page.keyboard.press("ArrowDown")  # any → active
+    await expect(state).to_have_value("active")
+    for _ in range(6):  # on to the Search button
+        await page.keyboard.press("Tab")
+        if await page.evaluate("() => document.activeElement.textContent") == "Search":
+            break
+    await page.keyboard.press("Enter")
+    await page.wait_for_url("**/ui/sessions?state=active")
+    assert browser.errors == []

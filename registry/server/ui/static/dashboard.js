@@ -20,6 +20,7 @@ function askForKey(message) {
   const store = auth();
   store.error = message;
   store.needed = true;
+  Alpine.nextTick(() => document.getElementById("key-input").focus());
   return new Promise((resolve) => keyWaiters.push(resolve));
 }
 
@@ -28,6 +29,7 @@ function keyEntered(key) {
   const store = auth();
   store.key = key;
   store.needed = false;
+  document.getElementById("main").focus(); // where the data is about to appear
   const waiters = keyWaiters;
   keyWaiters = [];
   waiters.forEach((resolve) => resolve());
@@ -342,11 +344,6 @@ document.addEventListener("alpine:init", () => {
 
   Alpine.data("keyGate", () => ({
     draft: "",
-    init() {
-      this.$watch("$store.auth.needed", (needed) => {
-        if (needed) this.$nextTick(() => this.$refs.input.focus());
-      });
-    },
     submit() {
       keyEntered(this.draft);
       this.draft = "";
