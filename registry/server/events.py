@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -57,6 +58,8 @@ BUFFER = 1000
 PING_SECONDS = 15.0
 #: Seconds a send to a subscriber may take before the stream is ended.
 SEND_TIMEOUT = 30.0
+#: Seconds a stream has to end by itself once the server shuts down.
+SHUTDOWN_GRACE_SECONDS = 2.0
 
 
 def event_kind(audit_kind: str) -> str | None:
@@ -220,21 +223,28 @@ async def replay(
 
 
 async def stream(
-    history: History, subscription: Subscription, after: int | None
+    history: History,
+    subscription: Subscription,
+    after: int | None,
+    shutdown: anyio.Event | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """The SSE stream of one subscription: a ``subscribed`` comment once it is live, what it
-    missed after ``after`` (if given), then live events until the feed ends it."""
+    missed after ``after`` (if given), then live events until the feed ends it or the server
+    shuts down (``shutdown``)."""
     yield ServerSentEvent(comment="subscribed", retry=2000)
     if after is not None:
         async for event in replay(history, subscription, after):
             yield _sse(event)
     while True:
         getter = asyncio.ensure_future(subscription.buffer.get())
-        ender = asyncio.ensure_future(subscription.ended.wait())
+        enders: set[asyncio.Future[Any]] = {asyncio.ensure_future(subscription.ended.wait())}
+        if shutdown is not None:
+            enders.add(asyncio.ensure_future(shutdown.wait()))
         try:
-            await asyncio.wait({getter, ender}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({getter, *enders}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            ender.cancel()
+            for ender in enders:
+                ender.cancel()
         if not getter.done():
             getter.cancel()
             return
@@ -304,10 +314,13 @@ def create_events_router() -> APIRouter:
         feed: EventFeed = request.app.state.events
         history: History = request.app.state.registry.history
         subscription = await feed.subscribe(kinds, client)
+        # Set when the server begins to shut down: the stream then ends cleanly, instead of
+        # holding the shutdown or being cut off mid-response.
+        shutdown = anyio.Event()
 
         async def body() -> AsyncIterator[ServerSentEvent]:
             try:
-                async for message in stream(history, subscription, after):
+                async for message in stream(history, subscription, after, shutdown):
                     yield message
             finally:
                 feed.unsubscribe(subscription)
@@ -316,6 +329,8 @@ def create_events_router() -> APIRouter:
             body(),
             ping=PING_SECONDS,
             send_timeout=SEND_TIMEOUT,
+            shutdown_event=shutdown,
+            shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
         )
 
     return router

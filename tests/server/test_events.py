@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 
 from registry import Registry
@@ -15,7 +19,17 @@ from registry.history import encode_cursor
 from registry.server.events import KINDS, EventFeed, event_kind, stream
 from registry.types import AuditEvent, ClientType
 from tests.server.sse import subscribe
-from tests.support import WAIT, Clients, Server, eventually, store
+from tests.support import (
+    API_KEY,
+    HOST,
+    WAIT,
+    Clients,
+    Serve,
+    Server,
+    eventually,
+    free_port,
+    store,
+)
 
 
 @pytest.fixture
@@ -192,3 +206,26 @@ async def test_the_stream_is_documented_in_the_openapi_schema(server: Server) ->
     assert "text/event-stream" in route["responses"]["200"]["content"]
     names = {parameter["name"] for parameter in route["parameters"]}
     assert {"kind", "client", "Last-Event-ID"} <= names
+
+
+async def test_registry_serve_stops_promptly_with_a_stream_open(tmp_path: Path) -> None:
+    """An endless stream must not hold the shutdown: uvicorn waits for open responses."""
+    port = free_port()
+    serve = Serve(f"sqlite+aiosqlite:///{tmp_path / 'stop.db'}", port, tmp_path / "serve.log")
+    try:
+        await serve.ready()
+        async with (
+            httpx.AsyncClient(timeout=httpx.Timeout(WAIT, read=None)) as http,
+            http.stream(
+                "GET", f"http://{HOST}:{port}/api/events", headers={"X-API-Key": API_KEY}
+            ) as response,
+        ):
+            assert response.status_code == 200
+            started = time.monotonic()
+            code = await serve.stop(signal.SIGTERM)
+            assert time.monotonic() - started < WAIT
+            assert code in (0, -signal.SIGTERM)
+        log = (tmp_path / "serve.log").read_text()
+        assert "ERROR" not in log, log  # every stream ended, none cut off
+    finally:
+        await serve.stop(signal.SIGKILL)
