@@ -34,15 +34,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import math
-import multiprocessing
 import os
 import re
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,37 +49,33 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from sqlalchemy import func, select
 
+from bench.client import CLOSE, GONE, Workers, raise_fd_limit
 from bench.load_client import (
-    CLOSE,
     UNKNOWN_CLOSE,
     ClientTally,
     Drained,
-    Failed,
     Final,
     Progress,
     RampDone,
     Start,
     WorkerJob,
-    run_worker,
     split_clients,
+    work,
 )
-from bench.server import percentile
+from bench.report import ms, percentile, progress_printer, table
 from bench.server_procs import (
-    HOST,
-    REPO_ROOT,
-    ServerProcess,
-    free_port,
+    MeasuredServer,
     machine_busy_seconds,
-    raise_fd_limit,
-    reap,
+    proc_status_kib,
+    start_registry,
 )
 from registry.store import models
 from registry.store.dialect import create_engine
+from tests.server_process import HOST
 
 #: ``python -c`` bootstrap for ``--trace-gc``: ``registry serve`` unchanged (the same CLI
 #: entry point), plus a gc callback appending each full collection (and any collection over
@@ -149,93 +142,10 @@ class Config:
 QUICK = Config(devices=300, constellations=10, minutes=1.0)
 
 
-def progress(text: str) -> None:
-    print(f"[bench.load {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+progress = progress_printer("bench.load")
 
 
 # -- the server ----------------------------------------------------------------------------
-
-
-def start_server(
-    workdir: Path, database_url: str | None, log_level: str, gc_trace: Path | None = None
-) -> ServerProcess:
-    """``registry serve --no-auth`` on a free loopback port and a fresh SQLite file in
-    ``workdir`` (or ``database_url``); returns once it accepts connections. With ``gc_trace``
-    the server's garbage collections are logged there (see :data:`GC_TRACE_BOOTSTRAP`)."""
-    port = free_port()
-    database = None if database_url else workdir / "registry.db"
-    url = database_url or f"sqlite+aiosqlite:///{database}"
-    entry = ["-m", "registry"]
-    if gc_trace is not None:
-        entry = ["-c", GC_TRACE_BOOTSTRAP, str(gc_trace)]
-    command = [
-        sys.executable,
-        *entry,
-        "serve",
-        "--no-auth",
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        "--database-url",
-        url,
-        "--log-level",
-        log_level,
-    ]
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO_ROOT), *filter(None, [environment.get("PYTHONPATH")])]
-    )
-    if database_url:  # PostgreSQL is not migrated by the server: the operator's step first
-        subprocess.run(
-            [sys.executable, "-m", "registry", "db", "upgrade", "--database-url", url],
-            cwd=workdir,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            check=True,
-            timeout=120,
-        )
-    log_path = workdir / "server.log"
-    log_file = log_path.open("wb")
-    process = subprocess.Popen(
-        command,
-        cwd=workdir,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
-    server = ServerProcess("registry", process, port, log_path, log_file, database)
-    try:
-        server.wait_ready()
-    except BaseException:
-        stop_server(server)
-        raise
-    return server
-
-
-def stop_server(server: ServerProcess) -> tuple[int | None, bool]:
-    """SIGTERM (uvicorn's graceful shutdown), SIGKILL after :data:`STOP_TIMEOUT`; returns the
-    exit code and whether it had to be killed."""
-    killed = False
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            killed = True
-            server.process.kill()
-            server.process.wait(10)
-    server.stop()  # the process is gone: this only closes the log file
-    return server.process.returncode, killed
-
-
-def proc_status_kib(pid: int, key: str) -> int | None:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1])
-    return None
 
 
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
@@ -276,7 +186,7 @@ class Sample:
 
 @dataclass(slots=True)
 class Monitor:
-    server: ServerProcess
+    server: MeasuredServer
     interval: float = 1.0
     started: float = field(default_factory=time.monotonic)
     samples: list[Sample] = field(default_factory=list)
@@ -319,46 +229,14 @@ class Monitor:
 # -- the worker processes ------------------------------------------------------------------
 
 
-class Workers:
-    """The client worker processes; a context manager that always reaps them."""
+class LoadWorkers(Workers[WorkerJob]):
+    """The client worker processes (:mod:`bench.load_client`) and what they reported."""
 
     def __init__(self, jobs: Sequence[WorkerJob]) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.pipes: list[Connection] = []  # from the workers
-        self._commands: list[Connection] = []  # to the workers
-        self._children: list[Connection] = []
-        self.processes: list[multiprocessing.process.BaseProcess] = []
+        super().__init__(work, jobs, reap_timeout=10)
         self.progress: dict[int, Progress] = {}
         self.received: dict[type, dict[int, Any]] = {}
         self._ended: set[int] = set()
-        for job in jobs:
-            inbox, worker_outbox = context.Pipe(duplex=False)
-            worker_inbox, commands = context.Pipe(duplex=False)
-            self.pipes.append(inbox)
-            self._commands.append(commands)
-            self._children += [worker_inbox, worker_outbox]
-            self.processes.append(
-                context.Process(
-                    target=run_worker, args=(job, worker_inbox, worker_outbox), daemon=True
-                )
-            )
-
-    def __enter__(self) -> Workers:
-        for process in self.processes:
-            process.start()
-        for child_end in self._children:
-            child_end.close()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback_: TracebackType | None,
-    ) -> None:
-        reap(self.processes, 10 if exc is None else 1)
-        for pipe in (*self.pipes, *self._commands):
-            pipe.close()
 
     @property
     def held(self) -> int:
@@ -366,11 +244,6 @@ class Workers:
 
     def _open_pipes(self) -> list[Connection]:
         return [pipe for index, pipe in enumerate(self.pipes) if index not in self._ended]
-
-    def send_all(self, message: Any) -> None:
-        for pipe in self._commands:
-            with contextlib.suppress(OSError):
-                pipe.send(message)
 
     def pump(
         self, kind: type, timeout: float, on_tick: Callable[[], None], check: Callable[[], None]
@@ -388,16 +261,12 @@ class Workers:
             for pipe in wait(self._open_pipes(), timeout=0.2):
                 assert isinstance(pipe, Connection)
                 index = self.pipes.index(pipe)
-                try:
-                    message = pipe.recv()
-                except EOFError:
+                message = self.receive(index)
+                if message is GONE:
                     self._ended.add(index)
                     if index in self.received.get(Final, {}):
                         continue  # done and gone
-                    code = self.processes[index].exitcode
-                    raise RuntimeError(f"worker {index} died (exit code {code})") from None
-                if isinstance(message, Failed):
-                    raise RuntimeError(f"worker {message.worker} failed:\n{message.traceback}")
+                    raise self.died(index)
                 if isinstance(message, Progress):
                     self.progress[message.worker] = message
                 else:
@@ -654,6 +523,7 @@ class Run:
     settle: str = ""
     exit_code: int | None = None
     killed: bool = False
+    stopped_cleanly: bool = False
     aborted: str | None = None
     monitor: Monitor | None = None
     checks: list[Check] = field(default_factory=list)
@@ -689,7 +559,7 @@ def jobs_for(config: Config, url: str, prefix: str, deadline: float) -> list[Wor
     ]
 
 
-def drive(run: Run, server: ServerProcess, workers: Workers) -> None:
+def drive(run: Run, server: MeasuredServer, workers: LoadWorkers) -> None:
     """Ramp, steady phase, drain, close; fills ``run`` as far as it gets."""
     config = run.config
     monitor = run.monitor
@@ -745,7 +615,7 @@ def drive(run: Run, server: ServerProcess, workers: Workers) -> None:
     progress("every client closed")
 
 
-def settle(run: Run, server: ServerProcess, url: str) -> None:
+def settle(run: Run, server: MeasuredServer, url: str) -> None:
     """After the clients left: wait for the server to see nobody online and an empty journal,
     then count the run's open connection rows while it still runs."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
@@ -776,15 +646,21 @@ def execute(config: Config) -> Run:
     with tempfile.TemporaryDirectory(prefix="registry-load-") as tmp:
         workdir = Path(tmp)
         gc_trace = workdir / "server-gc.log" if config.trace_gc else None
-        server = start_server(workdir, config.database_url, config.log_level, gc_trace)
-        url = config.database_url or f"sqlite+aiosqlite:///{server.database}"
+        entry = ["-m", "registry"]
+        if gc_trace is not None:  # the same CLI, behind a bootstrap that traces collections
+            entry = ["-c", GC_TRACE_BOOTSTRAP, str(gc_trace)]
+        server = start_registry(
+            workdir, config.log_level, database_url=config.database_url, entry=entry
+        )
+        url = server.database_url
+        assert url is not None
         progress(f"server pid {server.pid} on port {server.port}; client ids {prefix}-*")
         run.monitor = Monitor(server, config.sample_interval)
         budget = config.ramp_timeout + config.steady_seconds + config.drain_timeout + 600
         jobs = jobs_for(config, server.ws_url, prefix, time.time() + budget)
         try:
             try:
-                with Workers(jobs) as workers:
+                with LoadWorkers(jobs) as workers:
                     drive(run, server, workers)
             except Exception as exc:
                 run.aborted = f"{type(exc).__name__}: {exc}"
@@ -793,9 +669,9 @@ def execute(config: Config) -> Run:
                 settle(run, server, url)
                 run.peak_rss_kib = proc_status_kib(server.pid, "VmHWM")
         finally:
-            run.exit_code, run.killed = stop_server(server)
-            lines = server.log_path.read_text(errors="replace").splitlines()
-            run.log_tail = "\n".join(lines[-15:])
+            run.exit_code = server.halt(signal.SIGTERM, STOP_TIMEOUT)
+            run.killed, run.stopped_cleanly = server.killed, server.stopped_cleanly
+            run.log_tail = server.log_tail(15)
         progress(f"server stopped (exit code {run.exit_code}, killed: {run.killed})")
         if gc_trace is not None and gc_trace.exists():
             for line in gc_trace.read_text().splitlines():
@@ -818,8 +694,7 @@ def execute(config: Config) -> Run:
             run.checks.append(
                 Check(
                     "the server stopped by itself on SIGTERM",
-                    # uvicorn re-raises the signal after its graceful shutdown: -15 is clean.
-                    run.exit_code in (0, -signal.SIGTERM) and not run.killed,
+                    run.stopped_cleanly,
                     f"exit code {run.exit_code}, killed: {run.killed}",
                 )
             )
@@ -829,22 +704,16 @@ def execute(config: Config) -> Run:
 # -- the report ----------------------------------------------------------------------------
 
 
-def ms(values: Sequence[float], fraction: float) -> str:
-    return "n/a" if not values else f"{percentile(values, fraction) * 1000:.1f} ms"
+def quantile_ms(values: Sequence[float], fraction: float) -> str:
+    return "n/a" if not values else ms(percentile(values, fraction))
 
 
 def p50_p99(values: Sequence[float]) -> str:
-    return f"{ms(values, 0.50)} / {ms(values, 0.99)} (n={len(values):,})"
+    return f"{quantile_ms(values, 0.50)} / {quantile_ms(values, 0.99)} (n={len(values):,})"
 
 
 def rate(count: float, seconds: float) -> str:
     return "n/a" if seconds <= 0 else f"{count / seconds:,.1f}/s"
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def merged(finals: Iterable[Final], get: Callable[[Final], Sequence[float]]) -> list[float]:
@@ -1012,12 +881,13 @@ def report(run: Run) -> str:
         ),
         (
             "GET /metrics duration p50 / p99 / max, steady (probe of the server loop)",
-            f"{ms(scrapes, 0.5)} / {ms(scrapes, 0.99)} / {max(scrapes, default=0) * 1000:.0f} ms"
+            f"{quantile_ms(scrapes, 0.5)} / {quantile_ms(scrapes, 0.99)} / "
+            f"{max(scrapes, default=0) * 1000:.0f} ms"
             f" ({monitor.scrape_failures if monitor else 0} failed)",
         ),
         (
             "client event-loop lag p99 / max, steady (50 ms ticks)",
-            f"{ms(lags, 0.99)} / {max(lags, default=0) * 1000:.0f} ms",
+            f"{quantile_ms(lags, 0.99)} / {max(lags, default=0) * 1000:.0f} ms",
         ),
         (
             "full GC pauses, steady: client processes (after gc.freeze) / server",

@@ -32,24 +32,21 @@ import contextlib
 import gc
 import json
 import random
-import resource
 import time
-import traceback
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Literal
 
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from bench.server_client import SYSTEM_INFO, run_loop
+from bench.client import CLOSE, Errors, heartbeat_frame, is_ack, open_websocket, register_frame
 
 Role = Literal["device", "constellation"]
 Phase = Literal["ramp", "steady", "drain", "close"]
 
-CLOSE = "close"
 PROGRESS_SECONDS = 1.0
 CLOSE_CONCURRENCY = 100
 MAX_ERRORS = 8
@@ -161,34 +158,7 @@ class Final:
     gc_pauses: list[float]  # the worker's full collections in the steady phase, seconds
 
 
-@dataclass(slots=True)
-class Failed:
-    worker: int
-    traceback: str
-
-
 # -- frames --------------------------------------------------------------------------------
-
-
-def register_frame(client_id: str, role: Role, target: str | None) -> str:
-    metadata: dict[str, Any] = {"platform": "linux"}
-    if role == "device":
-        metadata["system_info"] = SYSTEM_INFO
-    return json.dumps(
-        {
-            "type": "register",
-            "status": "ok",
-            "client_id": client_id,
-            "client_type": role,
-            "target_id": target,
-            "metadata": metadata,
-        }
-    )
-
-
-def heartbeat_frame(client_id: str) -> str:
-    # client_type left at its default ("device") also for constellations, as UFO's does.
-    return json.dumps({"type": "heartbeat", "status": "ok", "client_id": client_id})
 
 
 def task_frame(client_id: str, target: str, task_name: str, session_id: str) -> str:
@@ -287,13 +257,8 @@ class Client:
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(job.timeout):
-                    websocket = await connect(
-                        job.url,
-                        ping_interval=None,  # the server pings; the client answers
-                        compression="deflate" if job.compression else None,
-                        open_timeout=job.timeout,
-                        close_timeout=job.timeout,
-                        max_size=None,
+                    websocket = await open_websocket(
+                        job.url, compression=job.compression, wait=job.timeout, max_size=None
                     )
             except Exception as exc:
                 tally.connect_failed += 1
@@ -301,7 +266,7 @@ class Client:
                 return None
             try:
                 async with asyncio.timeout(job.timeout):
-                    await websocket.send(register_frame(self.client_id, self.role, self.target))
+                    await websocket.send(self._register_frame())
                     frame = await websocket.recv()
                 answer = json.loads(frame)
             except Exception as exc:
@@ -309,7 +274,7 @@ class Client:
                 worker.error(f"register: {type(exc).__name__}: {exc}")
                 websocket.transport.abort()
                 return None
-            if answer.get("type") == "heartbeat" and answer.get("status") == "ok":
+            if is_ack(answer):
                 elapsed = time.perf_counter() - started
                 tally.acked += 1
                 worker.registration_latency.setdefault(phase, []).append(elapsed)
@@ -326,6 +291,13 @@ class Client:
                 worker.error(f"registration refused: {text}")
             await self._close(websocket)
             return None
+
+    def _register_frame(self) -> str:
+        """Devices register with their system information, constellations with their target."""
+        system_info = self.role == "device"
+        return register_frame(
+            self.client_id, self.role, system_info=system_info, target_id=self.target
+        )
 
     async def serve(self, websocket: ClientConnection) -> str:
         """Serve one registered connection until churn, the end of the run or the server
@@ -560,11 +532,10 @@ class Worker:
         self.server_closes: Counter[int] = Counter()
         self.commands = self.command_results = self.device_task_ends = 0
         self.churn_clean = self.churn_abrupt = 0
-        self.errors: list[str] = []
+        self.errors = Errors(MAX_ERRORS)
         self.loop_lag: list[float] = []
         self.gc_pauses: list[float] = []
         self._gc_started = 0.0
-        self.error_count = 0
         self.clients: dict[str, Client] = {}
         for device_id in job.devices:
             self.clients[device_id] = Client(self, device_id, "device", None)
@@ -573,9 +544,7 @@ class Worker:
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
 
     def error(self, text: str) -> None:
-        self.error_count += 1
-        if len(self.errors) < MAX_ERRORS and text not in self.errors:
-            self.errors.append(text)
+        self.errors.add(text)
 
     async def pause(self, seconds: float) -> None:
         """Sleep, but wake up when the run is stopping."""
@@ -739,8 +708,8 @@ class Worker:
             churn_clean=self.churn_clean,
             churn_abrupt=self.churn_abrupt,
             server_closes=self.server_closes,
-            errors=[*self.errors, f"({self.error_count} client errors in all)"]
-            if self.error_count
+            errors=[*self.errors.first, f"({self.errors.count} client errors in all)"]
+            if self.errors.count
             else [],
             cpu_seconds=time.process_time(),
             loop_lag=self.loop_lag,
@@ -752,23 +721,6 @@ async def work(job: WorkerJob, inbox: Connection, outbox: Connection) -> None:
     random.seed(job.seed)
     async with asyncio.timeout(max(1.0, job.deadline - time.time())):
         await Worker(job, inbox, outbox).run()
-
-
-def run_worker(job: WorkerJob, inbox: Connection, outbox: Connection) -> None:
-    """Entry point of a worker process: ``inbox`` and ``outbox`` are one-way pipes from and to
-    the parent. Two of them, because the event loop watches ``inbox`` (uvloop then makes it
-    non-blocking), while ``outbox`` must stay blocking for the large :class:`Final`."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
-        run_loop(work(job, inbox, outbox))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            outbox.send(Failed(job.index, traceback.format_exc()))
-    finally:
-        inbox.close()
-        outbox.close()
 
 
 def split_clients(

@@ -43,7 +43,6 @@ import random
 import shutil
 import sqlite3
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -60,6 +59,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench import seed
+from bench.report import ms, percentile, progress_printer, table, yes_no
 from registry.history import History
 from registry.store.dialect import create_engine
 from registry.store.schema import ensure_schema
@@ -481,19 +481,6 @@ def table_rows(rows: Rows) -> list[tuple[str, Iterator[tuple[Any, ...]] | list[t
     ]
 
 
-def batched(
-    rows: Iterator[tuple[Any, ...]] | list[tuple[Any, ...]], size: int = 50_000
-) -> Iterator[list[tuple[Any, ...]]]:
-    batch: list[tuple[Any, ...]] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 async def migrate(url: str | URL) -> None:
     engine = create_engine(url)
     try:
@@ -529,7 +516,7 @@ async def load_sqlite(path: Path, data: Dataset, *, analyze: bool) -> None:
                 f"INSERT INTO {table} ({', '.join(columns)})"
                 f" VALUES ({', '.join('?' for _ in columns)})"
             )
-            for batch in batched(rows):
+            for batch in seed.batched(rows):
                 db.executemany(statement, batch)
         for _name, sql in indexes:
             db.execute(sql)
@@ -566,7 +553,7 @@ async def load_postgres(url: URL, data: Dataset) -> None:
             for table, rows in table_rows(
                 Rows(data, lambda us: None if us is None else moment(us))
             ):
-                for batch in batched(rows, 100_000):
+                for batch in seed.batched(rows, 100_000):
                     await db.copy_records_to_table(table, records=batch, columns=COLUMNS[table])
             for _name, definition in indexes:
                 await db.execute(definition)
@@ -621,13 +608,7 @@ class Backend:
     skipped: str | None = None
 
 
-def progress(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(samples: Sequence[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)]
+progress = progress_printer("bench.queries")
 
 
 async def measures(history: History, data: Dataset) -> list[Measure]:
@@ -824,17 +805,13 @@ async def bench_postgres(
 # -- the report ------------------------------------------------------------------------------
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:,.1f} ms"
-
-
 def markdown(labels: list[Measure], backends: list[Backend], notes: list[str], calls: int) -> str:
     ran = [b for b in backends if b.skipped is None]
     head = ["Query", "Issue goal"]
     for b in ran:
         head += [f"{b.name} median", f"{b.name} p95"]
     head.append("Under 50 ms (p95)")
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for measure in labels:
         cells = [measure.label, "< 50 ms" if measure.goal else "—"]
         verdicts = []
@@ -842,11 +819,10 @@ def markdown(labels: list[Measure], backends: list[Backend], notes: list[str], c
             timing = b.timings[measure.key]
             fewer = f" ({timing.calls} calls)" if timing.calls < calls else ""
             cells += [ms(timing.median) + fewer, ms(timing.p95)]
-            verdict = "**yes**" if timing.p95 < GOAL_SECONDS else "no"
-            verdicts.append(f"{b.name} {verdict}")
+            verdicts.append(f"{b.name} {yes_no(timing.p95 < GOAL_SECONDS)}")
         cells.append(", ".join(verdicts))
-        out.append("| " + " | ".join(cells) + " |")
-    out.append("")
+        rows.append(cells)
+    out = [table(head, rows), ""]
     out.extend(f"- {note}" for note in notes)
     for b in backends:
         out.extend(f"- {fact}" for fact in b.facts)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from registry import Registry
+
+T = TypeVar("T")
 
 SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -68,10 +71,9 @@ class RecoveryShape:
         )
 
 
-def _batched(
-    rows: Iterator[tuple[object, ...]], size: int = 50_000
-) -> Iterator[list[tuple[object, ...]]]:
-    batch: list[tuple[object, ...]] = []
+def batched(rows: Iterable[T], size: int = 50_000) -> Iterator[list[T]]:
+    """``rows`` in lists of ``size`` (the last one shorter), for ``executemany`` and ``COPY``."""
+    batch: list[T] = []
     for row in rows:
         batch.append(row)
         if len(batch) == size:
@@ -178,9 +180,9 @@ def build_recovery_database(path: Path, shape: RecoveryShape) -> str:
             " metadata, remote_address, connected_at, disconnected_at, close_code, close_reason)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
-        for batch in _batched(closed()):
+        for batch in batched(closed()):
             db.executemany(insert_connection, batch)
-        for batch in _batched(still_open()):
+        for batch in batched(still_open()):
             db.executemany(insert_connection, batch)
 
         def audit() -> Iterator[tuple[object, ...]]:
@@ -195,7 +197,7 @@ def build_recovery_database(path: Path, shape: RecoveryShape) -> str:
                     '{"reason": "removed"}',
                 )
 
-        for batch in _batched(audit()):
+        for batch in batched(audit()):
             db.executemany(
                 "INSERT INTO audit_events (at, node_id, kind, client_id, session_id, details)"
                 " VALUES (?, ?, ?, ?, ?, ?)",

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,14 +39,15 @@ from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 
-from bench.server_client import CLOSE, ClientGroup, ClientJob, Measured, Ready
+from bench.client import CLOSE, raise_fd_limit
+from bench.report import percentile, progress_printer
+from bench.server_client import ClientJob, Measured, Ready, client_group
 from bench.server_procs import (
     ConnectionRows,
-    ServerProcess,
+    MeasuredServer,
     connection_rows,
     machine_busy_seconds,
     online_clients,
-    raise_fd_limit,
     start_bare,
     start_registry,
 )
@@ -88,8 +88,7 @@ QUICK = Config(
 )
 
 
-def progress(text: str) -> None:
-    print(f"[bench.server] {text}", file=sys.stderr, flush=True)
+progress = progress_printer("bench.server")
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -102,24 +101,17 @@ def sleep_until(wall_clock: float) -> None:
     time.sleep(max(0.0, wall_clock - time.time()))
 
 
-def percentile(values: Sequence[float], fraction: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 @contextmanager
 def running(
-    start: Callable[[Path, str], ServerProcess], workdir: Path, log_level: str
-) -> Iterator[ServerProcess]:
+    start: Callable[[Path, str], MeasuredServer], workdir: Path, log_level: str
+) -> Iterator[MeasuredServer]:
     """A server subprocess for the duration of the block."""
     server = start(workdir, log_level)
     progress(f"{server.name} server pid {server.pid} on port {server.port}")
     try:
         yield server
     finally:
-        server.stop()
+        server.halt()
 
 
 # -- throughput ----------------------------------------------------------------------------
@@ -177,7 +169,7 @@ class Throughput:
 
 
 def throughput_jobs(
-    kind: str, server: ServerProcess, total: int, tag: str, config: Config
+    kind: str, server: MeasuredServer, total: int, tag: str, config: Config
 ) -> list[ClientJob]:
     """``total`` connectors (handshake) or connections (heartbeat) spread over the client
     processes."""
@@ -195,11 +187,11 @@ def throughput_jobs(
     ]
 
 
-def run_window(server: ServerProcess, jobs: Sequence[ClientJob], into: Throughput) -> None:
+def run_window(server: MeasuredServer, jobs: Sequence[ClientJob], into: Throughput) -> None:
     """One measurement window: set up, start every client at the same wall-clock time, read the
     server's CPU time at the window's start and end, collect, close."""
     duration = jobs[0].duration
-    with ClientGroup(jobs) as group:
+    with client_group(jobs) as group:
         ready: list[Ready] = group.gather(SETUP_TIMEOUT)
         failed = sum(part.failed for part in ready)
         if failed:
@@ -218,7 +210,7 @@ def run_window(server: ServerProcess, jobs: Sequence[ClientJob], into: Throughpu
 
 
 def compare_throughput(
-    kind: str, servers: Sequence[ServerProcess], total: int, config: Config
+    kind: str, servers: Sequence[MeasuredServer], total: int, config: Config
 ) -> dict[str, Throughput]:
     """Alternate windows between the servers, ``config.rounds`` windows each."""
     results = {server.name: Throughput() for server in servers}
@@ -251,7 +243,7 @@ class Memory:
 
 
 def idle_jobs(
-    server: ServerProcess,
+    server: MeasuredServer,
     total: int,
     processes: int,
     tag: str,
@@ -292,17 +284,17 @@ def held_summary(ready: Sequence[Ready]) -> Held:
 
 
 def open_and_close(
-    server: ServerProcess, total: int, tag: str, config: Config, compression: bool
+    server: MeasuredServer, total: int, tag: str, config: Config, compression: bool
 ) -> None:
     """Warm-up: open ``total`` idle registered connections, then close them all."""
     jobs = idle_jobs(server, total, config.client_processes, tag, config, compression)
-    with ClientGroup(jobs) as group:
+    with client_group(jobs) as group:
         group.gather(SETUP_TIMEOUT)
         group.send_all(CLOSE)
         group.gather(SETUP_TIMEOUT)
 
 
-def measure_memory(server: ServerProcess, config: Config, compression: bool) -> Memory:
+def measure_memory(server: MeasuredServer, config: Config, compression: bool) -> Memory:
     """RSS growth per idle registered connection, after a warm-up round of connections (so
     one-off allocations such as lazy imports and first-use caches are not counted)."""
     total = config.memory_connections
@@ -312,7 +304,7 @@ def measure_memory(server: ServerProcess, config: Config, compression: bool) -> 
     before = server.rss_bytes()
     tag = f"{server.name}-mem"
     jobs = idle_jobs(server, total, config.client_processes, tag, config, compression)
-    with ClientGroup(jobs) as group:
+    with client_group(jobs) as group:
         held = held_summary(group.gather(SETUP_TIMEOUT))
         if held.opened != total:
             raise RuntimeError(f"opened {held.opened}/{total} connections: {held.errors}")
@@ -372,7 +364,7 @@ def measure_hold(workdir: Path, config: Config) -> Hold:
         assert server.database is not None
         rss_idle = server.rss_bytes()
         jobs = idle_jobs(server, target, config.hold_processes, "hold", config)
-        with ClientGroup(jobs) as group:
+        with client_group(jobs) as group:
             held = held_summary(group.gather(SETUP_TIMEOUT))
             progress(f"hold: {held.opened:,} open in {held.open_seconds:.1f}s")
             listed = len(online_clients(server))

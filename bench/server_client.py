@@ -1,5 +1,5 @@
-"""Client processes of the server benchmark: the ``websockets`` asyncio client (on uvloop when
-it is installed), one event loop per process, driven by the parent over a pipe.
+"""Client processes of the server benchmark: the ``websockets`` asyncio client, one event loop
+per process (:mod:`bench.client`), driven by the parent over its pipes.
 
 Every worker runs one :class:`ClientJob` through the same steps:
 
@@ -7,51 +7,40 @@ Every worker runs one :class:`ClientJob` through the same steps:
    send :class:`Ready`;
 2. except for ``idle`` jobs: receive a wall-clock start time, run the measured loop for
    ``duration`` seconds from then, send :class:`Measured`;
-3. receive :data:`CLOSE`, close every connection still held, send :class:`Closed`.
+3. receive :data:`~bench.client.CLOSE`, close every connection still held, send
+   :class:`Closed`.
 
-Any exception is sent to the parent as :class:`Failed`. Every network operation is bounded by
-``ClientJob.timeout``, every wait on the parent by :data:`PARENT_TIMEOUT`.
+Any exception is sent to the parent as :class:`~bench.client.Failed`. Every network operation
+is bounded by ``ClientJob.timeout``, every wait on the parent by :data:`PARENT_TIMEOUT`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
-import resource
 import time
-import traceback
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
-from bench.server_procs import reap
+from bench.client import (
+    CLOSE,
+    Errors,
+    Workers,
+    heartbeat_frame,
+    is_ack,
+    open_websocket,
+    register_frame,
+)
 
 Kind = Literal["handshake", "heartbeat", "idle"]
-T = TypeVar("T")
 
-CLOSE = "close"
 PARENT_TIMEOUT = 600.0
 CLOSE_CONCURRENCY = 200
 MAX_ERRORS = 5
-
-#: A device's system information as UFO device clients put it in ``metadata.system_info``.
-SYSTEM_INFO: dict[str, Any] = {
-    "platform": "linux",
-    "os_version": "6.1.0",
-    "cpu_count": 8,
-    "memory_total_gb": 16.0,
-    "hostname": "bench-host",
-    "ip_address": "127.0.0.1",
-    "supported_features": ["gui", "cli", "browser", "file_system", "office"],
-    "platform_type": "computer",
-    "schema_version": "1.0",
-    "custom_metadata": {},
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,55 +87,25 @@ class Closed:
 
 
 @dataclass(slots=True)
-class Failed:
-    traceback: str
-
-
-@dataclass(slots=True)
 class _Tally:
     operations: int = 0
-    failed: int = 0
     latencies: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: Errors = field(default_factory=lambda: Errors(MAX_ERRORS))
 
     def success(self, seconds: float) -> None:
         self.operations += 1
         self.latencies.append(seconds)
 
     def failure(self, exc: BaseException) -> None:
-        self.failed += 1
-        text = f"{type(exc).__name__}: {exc}"
-        if len(self.errors) < MAX_ERRORS and text not in self.errors:
-            self.errors.append(text)
+        self.errors.add(f"{type(exc).__name__}: {exc}")
 
 
 # -- frames --------------------------------------------------------------------------------
 
 
-def register_frame(client_id: str, system_info: bool) -> str:
-    """The ``register`` frame of a device client."""
-    metadata: dict[str, Any] = {"platform": "linux"}
-    if system_info:
-        metadata["system_info"] = SYSTEM_INFO
-    return json.dumps(
-        {
-            "type": "register",
-            "status": "ok",
-            "client_id": client_id,
-            "client_type": "device",
-            "metadata": metadata,
-        }
-    )
-
-
-def heartbeat_frame(client_id: str) -> str:
-    return json.dumps({"type": "heartbeat", "status": "ok", "client_id": client_id})
-
-
 def expect_ack(frame: str | bytes) -> None:
     """Raise unless ``frame`` is a ``heartbeat``/``ok`` ack."""
-    message = json.loads(frame)
-    if message.get("type") != "heartbeat" or message.get("status") != "ok":
+    if not is_ack(json.loads(frame)):
         raise RuntimeError(f"unexpected frame: {str(frame)[:200]}")
 
 
@@ -154,15 +113,9 @@ def expect_ack(frame: str | bytes) -> None:
 
 
 async def _register(job: ClientJob, client_id: str) -> ClientConnection:
-    websocket = await connect(
-        job.url,
-        ping_interval=None,  # the server pings; the client only answers
-        compression="deflate" if job.compression else None,
-        open_timeout=job.timeout,
-        close_timeout=job.timeout,
-    )
+    websocket = await open_websocket(job.url, compression=job.compression, wait=job.timeout)
     try:
-        await websocket.send(register_frame(client_id, job.system_info))
+        await websocket.send(register_frame(client_id, system_info=job.system_info))
         expect_ack(await websocket.recv())
     except BaseException:
         await websocket.close()
@@ -282,7 +235,8 @@ async def measure(job: ClientJob, held: Sequence[ClientConnection], start_at: fl
         cpu_seconds = time.process_time() - cpu_started
 
     await asyncio.gather(window(), *loops)
-    return Measured(tally.operations, tally.failed, tally.latencies, cpu_seconds, tally.errors)
+    errors = tally.errors
+    return Measured(tally.operations, errors.count, tally.latencies, cpu_seconds, errors.first)
 
 
 # -- the worker process --------------------------------------------------------------------
@@ -300,101 +254,24 @@ async def receive(pipe: Connection) -> Any:
     return await asyncio.to_thread(_receive, pipe, PARENT_TIMEOUT)
 
 
-async def work(job: ClientJob, pipe: Connection) -> None:
-    """The worker's three steps (see the module docstring)."""
+async def work(job: ClientJob, pipe: Connection, outbox: Connection) -> None:
+    """The worker's three steps (see the module docstring): orders come from ``pipe``."""
     started = time.time()
     held: list[ClientConnection] = []
     tally = _Tally()
     if job.kind != "handshake":
         held, tally = await open_many(job)
-    pipe.send(Ready(len(held), tally.failed, started, time.time(), tally.errors))
+    outbox.send(Ready(len(held), tally.errors.count, started, time.time(), tally.errors.first))
     if job.kind != "idle":
         start_at = float(await receive(pipe))
-        pipe.send(await measure(job, held, start_at))
+        outbox.send(await measure(job, held, start_at))
     if await receive(pipe) != CLOSE:
         raise RuntimeError("expected the close command")
     closing = time.perf_counter()
     closed = await close_many(held, job.timeout)
-    pipe.send(Closed(closed, time.perf_counter() - closing))
+    outbox.send(Closed(closed, time.perf_counter() - closing))
 
 
-def run_loop(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` on uvloop when available (a cheaper client), else on asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
-
-
-def run_worker(job: ClientJob, pipe: Connection) -> None:
-    """Entry point of a client process."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    try:
-        run_loop(work(job, pipe))
-    except BaseException:
-        pipe.send(Failed(traceback.format_exc()))
-    finally:
-        pipe.close()
-
-
-# -- the parent's side ---------------------------------------------------------------------
-
-
-class ClientGroup:
-    """One client process per job; a context manager that always reaps its processes."""
-
-    def __init__(self, jobs: Sequence[ClientJob]) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._pipes: list[Connection] = []
-        self._children: list[Connection] = []
-        self._processes: list[multiprocessing.process.BaseProcess] = []
-        for job in jobs:
-            parent_end, child_end = context.Pipe()
-            self._pipes.append(parent_end)
-            self._children.append(child_end)
-            self._processes.append(
-                context.Process(target=run_worker, args=(job, child_end), daemon=True)
-            )
-
-    def __enter__(self) -> ClientGroup:
-        for process in self._processes:
-            process.start()
-        for child_end in self._children:
-            child_end.close()
-        return self
-
-    def gather(self, timeout: float) -> list[Any]:
-        """One message from every process, within ``timeout`` seconds in all."""
-        deadline = time.monotonic() + timeout
-        messages = []
-        for pipe, process in zip(self._pipes, self._processes, strict=True):
-            if not pipe.poll(max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"client process {process.pid} silent for {timeout:.0f}s")
-            try:
-                message = pipe.recv()
-            except EOFError:
-                process.join(timeout=5)
-                raise RuntimeError(
-                    f"client process {process.pid} died (exit code {process.exitcode})"
-                ) from None
-            if isinstance(message, Failed):
-                raise RuntimeError(f"client process {process.pid} failed:\n{message.traceback}")
-            messages.append(message)
-        return messages
-
-    def send_all(self, message: Any) -> None:
-        for pipe in self._pipes:
-            pipe.send(message)
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback_: TracebackType | None,
-    ) -> None:
-        reap(self._processes, 30 if exc is None else 1)
-        for pipe in self._pipes:
-            pipe.close()
+def client_group(jobs: Sequence[ClientJob]) -> Workers[ClientJob]:
+    """One client process per job (a context manager that always reaps them)."""
+    return Workers(work, jobs, reap_timeout=30)

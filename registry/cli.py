@@ -51,7 +51,7 @@ def _settings(**options: Any) -> Settings:
 
 
 @click.group()
-@click.version_option(package_name="registry")
+@click.version_option(package_name="agent-fleet-registry")
 def main() -> None:
     """Client registry and AIP server for fleets of agent devices."""
 

@@ -10,13 +10,8 @@ which that package's conftest defines.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -37,15 +32,17 @@ from registry.server import create_app, listen
 from registry.server.sessions import SessionManager
 from registry.settings import Settings
 from registry.store.dialect import create_engine
+from tests.server_process import HOST as HOST  # the suites import these from here
+from tests.server_process import ServerProcess, serve_command
+from tests.server_process import free_port as free_port
 
 API_KEY = "k"
-HOST = "127.0.0.1"
 #: How long a test waits for a frame (or a condition) that must come.
 WAIT = 10.0
 #: How long a test waits to be confident a frame that must not come does not.
 QUIET = 0.2
 
-#: Every field of a server frame, in wire order (PROTOCOL.md).
+#: Every field of a server frame, in wire order (docs/protocol.md).
 SERVER_FIELDS = [
     "type",
     "status",
@@ -430,77 +427,13 @@ async def clients(server: Server) -> AsyncIterator[Clients]:
 
 # -- `registry serve` as a subprocess ------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def free_port() -> int:
-    """A TCP port on HOST that was free a moment ago (for a server in another process)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-class Serve:
-    """One ``python -m registry serve`` process, its output appended to ``log``; ``api_key``
-    None serves with ``--no-auth``. Always reap it with :meth:`stop`."""
+class Serve(ServerProcess):
+    """One ``python -m registry serve`` process on HOST:``port`` (see
+    :mod:`tests.server_process`), its output appended to ``log``; ``api_key`` None serves with
+    ``--no-auth``. Always reap it with :meth:`~tests.server_process.ServerProcess.stop`."""
 
     def __init__(
         self, database_url: str, port: int, log: Path, *, api_key: str | None = API_KEY
     ) -> None:
-        self.port = port
-        self._api_key = api_key
-        self._log = log.open("ab")
-        env = {key: value for key, value in os.environ.items() if not key.startswith("REGISTRY_")}
-        auth = ["--no-auth"] if api_key is None else ["--api-key", api_key]
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "registry",
-                "serve",
-                "--host",
-                HOST,
-                "--port",
-                str(port),
-                "--database-url",
-                database_url,
-                *auth,
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    async def ready(self) -> None:
-        """Return once ``/api/health`` answers 200; fail if the process exits or 30 s pass."""
-        deadline = time.monotonic() + 30
-        headers = {} if self._api_key is None else {"X-API-Key": self._api_key}
-        async with httpx.AsyncClient(
-            base_url=f"http://{HOST}:{self.port}", headers=headers, timeout=2
-        ) as http:
-            while True:
-                if self.process.poll() is not None:
-                    raise AssertionError(f"registry serve exited with {self.process.returncode}")
-                with contextlib.suppress(httpx.TransportError):
-                    if (await http.get("/api/health")).status_code == 200:
-                        return
-                if time.monotonic() > deadline:
-                    raise AssertionError("registry serve did not become ready")
-                await asyncio.sleep(0.05)
-
-    async def stop(self, sig: signal.Signals) -> int:
-        """Send ``sig``, wait up to 30 s (then kill), close the log; the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            returncode = await asyncio.to_thread(self.process.wait, 30)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-            self._log.close()
-        return returncode
+        super().__init__(serve_command(database_url, port, api_key=api_key), port, log)

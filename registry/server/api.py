@@ -1,4 +1,4 @@
-"""The HTTP API that existing tools expect (PROTOCOL.md), under ``/api``.
+"""The HTTP API that existing tools expect (docs/protocol.md), under ``/api``.
 
 Every route answers from memory: none of them waits on the database or on a client.
 """

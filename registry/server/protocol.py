@@ -1,4 +1,4 @@
-"""The AIP wire contract (PROTOCOL.md): the two envelopes as pydantic models.
+"""The AIP wire contract (docs/protocol.md): the two envelopes as pydantic models.
 
 Client frames ignore unknown keys; server frames always carry every field, ``null`` where
 unset, in the order the clients expect.

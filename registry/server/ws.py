@@ -1,4 +1,4 @@
-"""The ``/ws`` endpoint: PROTOCOL.md's handshake, identity pinning and message handling.
+"""The ``/ws`` endpoint: docs/protocol.md's handshake, identity pinning and message handling.
 
 Frames of one connection are handled in order, in its own receive loop; sessions run as tasks
 of the :class:`~registry.server.sessions.SessionManager`, at most ``max_sessions_per_client``
@@ -221,7 +221,7 @@ class Endpoint:
             else []
         )
         owned = [] if keep_sessions else self._sessions.owned(client_id)
-        # Free the id at once (PROTOCOL.md: a quick reconnect is not refused); the disconnect
+        # Free the id at once (docs/protocol.md: a quick reconnect is not refused); the disconnect
         # is made durable below, after the sessions have been ended.
         if self._registry.get_client(client_id) is connection.peer:
             self._registry.remove_client(client_id, code=code, reason=reason)
@@ -456,7 +456,7 @@ class Endpoint:
         task_name = sanitise_task_name(message.task_name)
         known = self._registry.get_session(session_id)
         if known is not None and known.owner_id != requester:
-            # Ownership first: another client must not learn more than that (PROTOCOL.md).
+            # Ownership first: another client must not learn more than that (docs/protocol.md).
             refusal = SessionOwnershipError(session_id, known.owner_id)
             await peer.send(error(str(refusal), session_id=session_id))
             return

@@ -118,10 +118,16 @@ async def baseline(reg: Registry) -> None:
     await reg.flush()
 
 
-def bad_calls(reg: Registry) -> list[tuple[str, Callable[[], object]]]:
+#: Calls made with no arguments. Each lambda binds its bad value as a default (``b=bad``), so
+#: mypy types it from the ``...`` as Any: the values are of wrong types on purpose.
+BadCall = Callable[..., object]
+BadCoroutine = Callable[..., Awaitable[object]]
+
+
+def bad_calls(reg: Registry) -> list[tuple[str, BadCall]]:
     """(argument the error must name, call) for every synchronous mutation."""
     ws = object()
-    calls: list[tuple[str, Callable[[], object]]] = []
+    calls: list[tuple[str, BadCall]] = []
     for bad in BAD_IDS:
         calls += [
             ("client_id", lambda b=bad: reg.add_client(b, "linux", ws, ClientType.DEVICE)),
@@ -170,9 +176,9 @@ def bad_calls(reg: Registry) -> list[tuple[str, Callable[[], object]]]:
     return calls
 
 
-def bad_coroutines(reg: Registry) -> list[tuple[str, Callable[[], Awaitable[object]]]]:
+def bad_coroutines(reg: Registry) -> list[tuple[str, BadCoroutine]]:
     ws = object()
-    calls: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+    calls: list[tuple[str, BadCoroutine]] = []
     for bad in BAD_IDS:
         calls += [
             (

@@ -17,7 +17,7 @@ import textwrap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import event, text
@@ -121,8 +121,9 @@ def test_public_imports_and_alias() -> None:
     assert registry.WSManager is registry.Registry
     assert registry.ClientInfo is ClientInfo
     assert issubclass(registry.DuplicateClientError, registry.RegistryError)
-    assert ClientType.DEVICE == "device"
-    assert ClientType.CONSTELLATION == "constellation"
+    # Members are the strings themselves (a StrEnum), which mypy's literal types do not see.
+    assert cast(str, ClientType.DEVICE) == "device"
+    assert cast(str, ClientType.CONSTELLATION) == "constellation"
     assert ClientType("device") is ClientType.DEVICE
     assert {field for field in ClientInfo.__dataclass_fields__} >= {
         "client_id",
@@ -149,7 +150,6 @@ def test_reference_method_has_same_name_and_positional_arguments(name: str) -> N
     for parameter in extra:
         assert parameter.kind is parameter.KEYWORD_ONLY, (name, parameter.name)
         assert parameter.default is not parameter.empty, (name, parameter.name)
-        assert parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
 
 
 # -- copies ------------------------------------------------------------------------------------
@@ -176,6 +176,7 @@ async def test_getters_return_copies(registry: Registry, database_url: str) -> N
     assert registry.get_device_sessions("nobody") == set()
     assert registry.get_constellation_sessions("nobody") == set()
 
+    info: ClientInfo | None  # each copy below, then the client's info again
     for clients in (
         registry.get_all_clients(),
         registry.get_clients_by_type(ClientType.DEVICE),
@@ -322,13 +323,13 @@ async def test_remove_client_frees_the_id_at_once(registry: Registry, database_u
     assert list(rows.values()) == [(None, None, True)]
     registry.remove_client("d1")
     await registry.flush()
-    rows = read_now(
+    second_rows = read_now(
         database_url,
         "SELECT close_code, close_reason FROM connections WHERE client_id = 'd1' "
         "AND connection_id <> :old",
         old=old.connection_id,
     )
-    assert rows == [(None, "removed")]
+    assert second_rows == [(None, "removed")]
 
 
 class _NoScanDict(dict[str, set[str]]):

@@ -89,7 +89,8 @@ async def insert_connections(
 
 
 async def collect(
-    fetch: Callable[[str | None], Awaitable[Page[T]]],
+    # ``...``: callers bind loop values as lambda defaults, which mypy cannot fit to one argument
+    fetch: Callable[..., Awaitable[Page[T]]],
     *,
     between: Callable[[], Awaitable[None]] | None = None,
 ) -> list[list[T]]:

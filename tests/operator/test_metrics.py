@@ -50,7 +50,9 @@ async def test_metrics_need_the_key_and_count_what_happened(fleet: Fleet) -> Non
         assert value(samples, "registry_sessions_ended_total", state="completed") == 2
         assert value(samples, "registry_sessions_ended_total", state="failed") == 1
         assert value(samples, "registry_sessions", state="active") == 1
-        assert value(samples, "registry_journal_depth") >= 0
+        # The scenario ended with flush(): only the node's lease beat, journaled one at a time
+        # every heartbeat_interval, may be queued.
+        assert value(samples, "registry_journal_depth") <= 1
         assert value(samples, "registry_store_healthy") == 1
         batches = value(samples, "registry_commit_batch_size_count")
         assert batches > 0

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.timeout(120)
 HEADERS = {"X-API-Key": API_KEY}
 #: No 500s, and answers as the schema documents them: status code, content type, headers
 #: and body. Not ``positive_data_acceptance``: a schema-valid request may still be refused,
-#: say a cursor this API never issued, or an empty dispatch, which PROTOCOL.md wants a 400.
+#: say a cursor this API never issued, or an empty dispatch, which docs/protocol.md wants a 400.
 #: Not ``negative_data_rejection``: unknown query parameters are ignored, not refused.
 CHECKS = [
     not_a_server_error,
@@ -110,7 +110,7 @@ def test_api_conforms_to_its_schema(
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
     @given(case=operation.as_strategy(mode))
-    def check(case: schemathesis.Case) -> None:
+    def check(case: schemathesis.Case[Any]) -> None:
         case.call_and_validate(headers=HEADERS, checks=CHECKS)
 
     check()

@@ -446,7 +446,7 @@ class Fuzzer:
         self.codes.append(outcome.code)
         assert outcome.code in REFUSED, (outcome.code, first)
         decoded, _ = first.decoded()
-        if decoded:  # PROTOCOL.md: an error frame first where the frame was valid JSON
+        if decoded:  # docs/protocol.md: an error frame first where the frame was valid JSON
             assert outcome.frames, first
         return False
 

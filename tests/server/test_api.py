@@ -1,4 +1,4 @@
-"""The HTTP API existing tools expect (PROTOCOL.md), with exact shapes."""
+"""The HTTP API existing tools expect (docs/protocol.md), with exact shapes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PROTOCOL.md "Handshake": register first, the acknowledgement, target and duplicate checks."""
+"""docs/protocol.md, "Handshake": register first, the ack, target and duplicate checks."""
 
 from __future__ import annotations
 
