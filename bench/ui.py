@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -37,10 +37,12 @@ import httpx
 from playwright.async_api import Browser, async_playwright
 from websockets.asyncio.client import connect
 
-from bench import queries
+from bench import queries, seed
+from bench.client import CLOSE, Workers, raise_fd_limit
+from bench.report import ms, percentile, progress_printer, table, yes_no
 from bench.server import SETUP_TIMEOUT, held_summary, split
-from bench.server_client import CLOSE, ClientGroup, ClientJob
-from bench.server_procs import ServerProcess, raise_fd_limit, start_registry
+from bench.server_client import ClientJob, client_group
+from bench.server_procs import MeasuredServer, start_registry
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -86,13 +88,7 @@ class RouteTiming:
     p95: float
 
 
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+progress = progress_printer("ui")
 
 
 async def load_page(browser: Browser, url: str, name: str, screenshot: bool) -> PageTiming:
@@ -157,7 +153,7 @@ def _since(hours: int) -> str:
 
 
 async def measure_overview(
-    server: ServerProcess, config: Config
+    server: MeasuredServer, config: Config
 ) -> tuple[list[PageTiming], list[RouteTiming]]:
     base = f"http://127.0.0.1:{server.port}"
     async with async_playwright() as playwright:
@@ -194,7 +190,7 @@ async def build_history(path: Path, rows: int) -> str:
         connections=rows, clients=max(500, rows // 200), sessions=max(5_000, rows // 20)
     )
     progress(f"seeding {shape.describe()} ...")
-    data = queries.generate(shape, int(time.time() * 1_000_000), queries.random.Random(7))
+    data = queries.generate(shape, int(time.time() * 1_000_000), random.Random(7))
     await queries.load_sqlite(path, data, analyze=False)
     return shape.describe()
 
@@ -203,7 +199,7 @@ async def build_history(path: Path, rows: int) -> str:
 
 
 async def measure_clients(
-    server: ServerProcess, config: Config
+    server: MeasuredServer, config: Config
 ) -> tuple[list[PageTiming], list[RouteTiming], float]:
     base = f"http://127.0.0.1:{server.port}"
     async with async_playwright() as playwright:
@@ -229,7 +225,7 @@ async def measure_clients(
     return pages, await route_timings(base, routes, config.calls), live
 
 
-async def live_join(browser: Browser, server: ServerProcess) -> float:
+async def live_join(browser: Browser, server: MeasuredServer) -> float:
     """Seconds from sending a ``register`` frame to its row on the open Clients page."""
     context = await browser.new_context()
     try:
@@ -258,7 +254,7 @@ async def live_join(browser: Browser, server: ServerProcess) -> float:
         await context.close()
 
 
-def hold_clients(server: ServerProcess, config: Config) -> ClientGroup:
+def hold_clients(server: MeasuredServer, config: Config) -> Workers[ClientJob]:
     jobs = [
         ClientJob(
             kind="idle",
@@ -269,49 +265,46 @@ def hold_clients(server: ServerProcess, config: Config) -> ClientGroup:
         )
         for index, share in enumerate(split(config.clients, config.client_processes))
     ]
-    return ClientGroup(jobs)
+    return client_group(jobs)
 
 
 # -- report --------------------------------------------------------------------------------
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:,.0f} ms"
+def page_rows(pages: Sequence[PageTiming]) -> list[list[str]]:
+    return [
+        [
+            timing.page,
+            ms(timing.first_render),
+            ms(timing.data_shown),
+            "< 1 s",
+            yes_no(timing.first_render < GOAL_SECONDS and timing.data_shown < GOAL_SECONDS),
+        ]
+        for timing in pages
+    ]
 
 
-def page_rows(pages: Sequence[PageTiming]) -> list[str]:
-    rows = []
-    for timing in pages:
-        met = timing.first_render < GOAL_SECONDS and timing.data_shown < GOAL_SECONDS
-        rows.append(
-            f"| {timing.page} | {ms(timing.first_render)} | {ms(timing.data_shown)} "
-            f"| < 1 s | {'**yes**' if met else 'no'} |"
-        )
-    return rows
-
-
-def route_rows(routes: Sequence[RouteTiming]) -> list[str]:
-    return [f"| `{r.route}` | {r.median * 1000:.1f} ms | {r.p95 * 1000:.1f} ms |" for r in routes]
+def route_rows(routes: Sequence[RouteTiming]) -> list[list[str]]:
+    return [[f"`{r.route}`", ms(r.median), ms(r.p95)] for r in routes]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--log-level", default="warning")
     options = parser.parse_args(argv)
     config = Config.make(options.quick)
     raise_fd_limit(config.clients * 2 + 1024)
-    lines = []
     with tempfile.TemporaryDirectory(prefix="bench-ui-") as directory:
         workdir = Path(directory)
         database = workdir / "history.db"
         described = asyncio.run(build_history(database, config.rows))
-        server = start_registry(workdir, options.log_level, database)
+        server = start_registry(workdir, options.log_level, database_url=seed.sqlite_url(database))
         try:
             progress(f"overview on {described}")
             overview_pages, overview_routes = asyncio.run(measure_overview(server, config))
         finally:
-            server.stop()
+            server.halt()
 
         server = start_registry(workdir, options.log_level)
         try:
@@ -324,27 +317,23 @@ def main(argv: Sequence[str] | None = None) -> None:
                 group.send_all(CLOSE)
                 group.gather(SETUP_TIMEOUT)
         finally:
-            server.stop()
+            server.halt()
 
-    lines += [
-        f"Overview over {described}; Clients with {config.clients:,} connected clients "
-        f"(median of {config.loads} cold loads each):",
-        "",
-        "| Page | First render | Data shown | Goal | Met |",
-        "|---|---|---|---|---|",
-        *page_rows(overview_pages),
-        *page_rows(clients_pages),
-        f"| clients: a new registration shown on the open page | — | {ms(live)} | < 2 s "
-        f"| {'**yes**' if live < 2 else 'no'} |",
-        "",
-        f"JSON routes behind them ({config.calls} calls each, sequential, HTTP on loopback):",
-        "",
-        "| Route | Median | p95 |",
-        "|---|---|---|",
-        *route_rows(overview_routes),
-        *route_rows(clients_routes),
+    live_row = [
+        "clients: a new registration shown on the open page",
+        "—",
+        ms(live),
+        "< 2 s",
+        yes_no(live < 2),
     ]
-    print("\n".join(lines))
+    print(
+        f"Overview over {described}; Clients with {config.clients:,} connected clients "
+        f"(median of {config.loads} cold loads each):\n"
+    )
+    headers = ["Page", "First render", "Data shown", "Goal", "Met"]
+    print(table(headers, [*page_rows(overview_pages), *page_rows(clients_pages), live_row]))
+    print(f"\nJSON routes behind them ({config.calls} calls each, sequential, HTTP on loopback):\n")
+    print(table(["Route", "Median", "p95"], route_rows([*overview_routes, *clients_routes])))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import API_KEY, HOST, ROOT, Clients, Serve, free_port
+from tests.server_process import ROOT
+from tests.support import API_KEY, HOST, Clients, Serve, free_port
 
 CHROMIUM = Path(os.environ.get("REGISTRY_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
