@@ -450,7 +450,7 @@ def stats(database_url: str | None, as_json: bool, since: str | None, until: str
         ),
         *(
             {"figure": f"availability {device}", "value": f"{fraction:.1%}"}
-            for device, fraction in figures.availability.items()
+            for device, fraction in (figures.availability or {}).items()
         ),
     ]
     _emit(figures, as_json, table, "")

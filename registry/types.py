@@ -140,7 +140,9 @@ class Statistics:
     figures cover connections opened in ``[since, until)``: their count, distinct clients,
     closes by reason, and mean and 95th-percentile duration of the closed ones;
     ``sessions_by_state`` counts sessions created in the window; ``availability`` is, per
-    device, the fraction of the window it was connected.
+    device, the fraction of the window it was connected (``None`` when not asked for: see
+    :class:`DeviceAvailability`). ``p95_duration_seconds`` comes from a sketch: within 2% of
+    the exact 95th percentile.
     """
 
     since: datetime
@@ -153,7 +155,16 @@ class Statistics:
     p95_duration_seconds: float | None = None
     disconnects_by_reason: dict[str, int] = field(default_factory=dict)
     sessions_by_state: dict[str, int] = field(default_factory=dict)
-    availability: dict[str, float] = field(default_factory=dict)
+    availability: dict[str, float] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAvailability:
+    """The fraction of a window a device had a connection open (until now at most, for
+    connections still open), for each device with a connection in the window."""
+
+    device_id: str
+    availability: float
 
 
 @dataclass(frozen=True, slots=True)
