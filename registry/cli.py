@@ -5,8 +5,9 @@
 is down), as tables or, with ``--json``, as JSON; ``prune`` applies retention.
 
 Every option of ``serve`` is also a ``REGISTRY_*`` environment variable; options given on the
-command line win. Exit codes: 0 success, 1 not found, 2 bad usage, 3 database unavailable or
-schema mismatch.
+command line win. Every failure is one line on stderr and an exit code: 0 success, 1 not found,
+2 bad usage, 3 database unavailable or schema mismatch (or missing, for a command that only
+reads).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from registry.history import MAX_LIMIT, History
 from registry.settings import Settings
 from registry.store.dialect import DEFAULT_URL, create_engine, is_sqlite, parse_url
 from registry.store.schema import ensure_schema
-from registry.types import ClientType, SessionState
+from registry.types import ClientType, ConnectionRecord, Page, SessionState
+from registry.validation import storable_text
 
 if TYPE_CHECKING:
     from registry.prune import PruneReport
@@ -41,6 +43,13 @@ T = TypeVar("T")
 
 #: Allocations between young-generation collections in the server (CPython's default: 700).
 GC_YOUNG_THRESHOLD = 50_000
+
+EXIT_NOT_FOUND = 1
+EXIT_STORE = 3
+
+
+class _StoreFailure(click.ClickException):
+    exit_code = EXIT_STORE
 
 
 def _settings(**options: Any) -> Settings:
@@ -108,7 +117,10 @@ def _database_option(function: Any) -> Any:
 def _run_schema(action: str, database_url: str | None) -> None:
     from registry.store.schema import run_alembic
 
-    url = _settings(database_url=database_url).database_url
+    if action == "upgrade":  # the one that may create the database
+        url = _settings(database_url=database_url).database_url
+    else:
+        url = _existing_database(database_url)
 
     async def run() -> None:
         if action == "check":
@@ -154,14 +166,22 @@ def check(database_url: str | None) -> None:
 
 # -- reading the store ----------------------------------------------------------------------
 
-EXIT_NOT_FOUND = 1
-EXIT_STORE = 3
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-class _StoreFailure(click.ClickException):
-    exit_code = EXIT_STORE
+def _text(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A string the store can compare (the callback of every id and filter): an argument that
+    held bytes which are not UTF-8 reaches ``sys.argv`` as lone surrogates, which no backend
+    can take, so it is bad usage (exit code 2) rather than a store failure."""
+    problem = None if value is None else storable_text(value)
+    if problem is not None:
+        raise click.BadParameter(problem, ctx, param)
+    return value
+
+
+#: The command-line names of the History arguments a listing passes on unchanged.
+_OPTION_OF = {"cursor": "--cursor", "since": "--since", "until": "--until"}
 
 
 def parse_duration(text: str) -> timedelta:
@@ -209,7 +229,11 @@ def _query(database_url: str | None, action: Callable[[History], Awaitable[T]]) 
     try:
         return asyncio.run(run())
     except InvalidArgumentError as exc:  # e.g. --since after --until: bad usage
-        raise click.UsageError(str(exc)) from exc
+        option = _OPTION_OF.get(exc.argument)
+        if option is None:
+            raise click.UsageError(str(exc)) from exc
+        detail = str(exc).removeprefix(f"{exc.argument}: ")
+        raise click.BadParameter(detail, param_hint=f"'{option}'") from exc
     except StoreError as exc:
         raise _StoreFailure(str(exc)) from exc
     except (SQLAlchemyError, OSError) as exc:
@@ -223,6 +247,16 @@ def _emit(value: Any, as_json: bool, rows: list[dict[str, Any]], empty: str) -> 
         click.echo(tabulate(rows, headers="keys", tablefmt="simple"))
     else:
         click.echo(empty)
+
+
+def _emit_page(
+    page: Page[Any], as_json: bool, rows: list[dict[str, Any]], empty: str, value: Any = None
+) -> None:
+    """A page as :func:`_emit` prints it (``value``, default the page, as JSON, which carries
+    ``next_cursor``); a table is followed, on stderr, by how to get the next page if any."""
+    _emit(page if value is None else value, as_json, rows, empty)
+    if page.next_cursor is not None and not as_json:
+        click.echo(f"more: run again with --cursor {page.next_cursor}", err=True)
 
 
 def _when(value: datetime | None) -> str:
@@ -243,21 +277,35 @@ def _window_options(function: Any) -> Any:
     return click.option("--since", help="ISO 8601 time (naive is UTC).")(function)
 
 
+def _page_options(function: Any) -> Any:
+    function = click.option(
+        "--cursor", callback=_text, help="Where to go on: the cursor a previous page printed."
+    )(function)
+    return click.option(
+        "--limit", type=click.IntRange(1, MAX_LIMIT), default=50, show_default=True
+    )(function)
+
+
 @main.command()
 @_read_options
+@_page_options
 @click.option("--type", "client_type", type=click.Choice([k.value for k in ClientType]))
-@click.option("--platform")
+@click.option("--platform", callback=_text, help="Only this platform (any case).")
 def clients(
-    database_url: str | None, as_json: bool, client_type: str | None, platform: str | None
+    database_url: str | None,
+    as_json: bool,
+    limit: int,
+    cursor: str | None,
+    client_type: str | None,
+    platform: str | None,
 ) -> None:
-    """Clients connected now, on every node."""
-    rows = _query(database_url, lambda h: h.open_connections(limit=MAX_LIMIT))
-    rows = [
-        row
-        for row in rows
-        if (client_type is None or row.client_type == client_type)
-        and (platform is None or row.platform.lower() == platform.lower())
-    ]
+    """Clients connected now, on every node, newest first."""
+    page = _query(
+        database_url,
+        lambda h: h.open_connections(
+            client_type=client_type, platform=platform, limit=limit, cursor=cursor
+        ),
+    )
     table = [
         {
             "client": r.client_id,
@@ -267,14 +315,14 @@ def clients(
             "node": r.node_id[:8],
             "address": r.remote_address or "",
         }
-        for r in rows
+        for r in page.items
     ]
-    _emit(rows, as_json, table, "no clients online")
+    _emit_page(page, as_json, table, "no clients online")
 
 
 @main.command()
 @_read_options
-@click.argument("client_id")
+@click.argument("client_id", callback=_text)
 def client(database_url: str | None, as_json: bool, client_id: str) -> None:
     """What is known of one client."""
     summary = _query(database_url, lambda h: h.client(client_id))
@@ -301,22 +349,30 @@ def client(database_url: str | None, as_json: bool, client_id: str) -> None:
 @main.command()
 @_read_options
 @_window_options
-@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=50, show_default=True)
-@click.argument("client_id")
+@_page_options
+@click.argument("client_id", callback=_text)
 def history(
     database_url: str | None,
     as_json: bool,
     since: str | None,
     until: str | None,
     limit: int,
+    cursor: str | None,
     client_id: str,
 ) -> None:
-    """Connection history of one client, newest first."""
+    """Connection history of one client, newest first (exit code 1 if it was never seen)."""
     since_at, until_at = _time(since), _time(until)
-    page = _query(
-        database_url,
-        lambda h: h.connections(client_id, since=since_at, until=until_at, limit=limit),
-    )
+
+    async def read(h: History) -> tuple[Page[ConnectionRecord], bool]:
+        page = await h.connections(
+            client_id, since=since_at, until=until_at, limit=limit, cursor=cursor
+        )
+        return page, bool(page.items) or await h.client(client_id) is not None
+
+    page, known = _query(database_url, read)
+    if not known:
+        click.echo(f"client {client_id!r} was never seen", err=True)
+        sys.exit(EXIT_NOT_FOUND)
     table = [
         {
             "connected": _when(r.connected_at),
@@ -334,29 +390,34 @@ def history(
         ],
         "next_cursor": page.next_cursor,
     }
-    _emit(answer, as_json, table, f"no connections of {client_id!r}")
+    _emit_page(page, as_json, table, f"no connections of {client_id!r}", answer)
 
 
 @main.command()
 @_read_options
 @_window_options
-@click.option("--client", "client_id", help="Sessions this client owned or executed.")
+@_page_options
+@click.option(
+    "--client", "client_id", callback=_text, help="Sessions this client owned or executed."
+)
 @click.option("--state", type=click.Choice([s.value for s in SessionState]))
-@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=50, show_default=True)
 def sessions(
     database_url: str | None,
     as_json: bool,
     since: str | None,
     until: str | None,
+    limit: int,
+    cursor: str | None,
     client_id: str | None,
     state: str | None,
-    limit: int,
 ) -> None:
     """Sessions, newest first."""
     since_at, until_at = _time(since), _time(until)
     page = _query(
         database_url,
-        lambda h: h.sessions(client_id, state=state, since=since_at, until=until_at, limit=limit),
+        lambda h: h.sessions(
+            client_id, state=state, since=since_at, until=until_at, limit=limit, cursor=cursor
+        ),
     )
     table = [
         {
@@ -371,25 +432,26 @@ def sessions(
         }
         for r in page.items
     ]
-    _emit(page, as_json, table, "no sessions")
+    _emit_page(page, as_json, table, "no sessions")
 
 
 @main.command()
 @_read_options
 @_window_options
-@click.option("--kind")
-@click.option("--client", "client_id")
-@click.option("--session", "session_id")
-@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=50, show_default=True)
+@_page_options
+@click.option("--kind", callback=_text)
+@click.option("--client", "client_id", callback=_text)
+@click.option("--session", "session_id", callback=_text)
 def audit(
     database_url: str | None,
     as_json: bool,
     since: str | None,
     until: str | None,
+    limit: int,
+    cursor: str | None,
     kind: str | None,
     client_id: str | None,
     session_id: str | None,
-    limit: int,
 ) -> None:
     """The audit trail, newest first."""
     since_at, until_at = _time(since), _time(until)
@@ -403,6 +465,7 @@ def audit(
             until=until_at,
             newest_first=True,
             limit=limit,
+            cursor=cursor,
         ),
     )
     table = [
@@ -416,7 +479,7 @@ def audit(
         }
         for e in page.items
     ]
-    _emit(page, as_json, table, "no audit events")
+    _emit_page(page, as_json, table, "no audit events")
 
 
 @main.command()

@@ -38,6 +38,7 @@ from registry.types import (
     SessionState,
     Statistics,
 )
+from registry.validation import storable_text
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -64,11 +65,15 @@ def _aware(argument: str, value: datetime | None) -> datetime | None:
 
 
 def _text(argument: str, value: object, *, optional: bool = False) -> None:
-    """Refuse a non-string filter before it reaches SQL (where it would fail as a store error)."""
+    """Refuse a filter that is not a string, or that no backend could compare (a NUL, a lone
+    surrogate), before it reaches SQL, where it would fail as a store error."""
     if value is None and optional:
         return
     if not isinstance(value, str):
         raise InvalidArgumentError(argument, f"must be a string, not {type(value).__name__}")
+    problem = storable_text(value)
+    if problem is not None:
+        raise InvalidArgumentError(argument, problem)
 
 
 def encode_cursor(*key: Any) -> str:
@@ -81,8 +86,9 @@ _BIGINT = (-(2**63), 2**63 - 1)
 
 
 def _key_part(kind: type, value: Any) -> Any:
-    """One part of a decoded sort key, as ``kind``; ValueError unless it is one exactly (an
-    integer must also fit the BIGINT key columns: the database would refuse it)."""
+    """One part of a decoded sort key, as ``kind``; ValueError unless it is one exactly, and one
+    the database can take (an integer fits the BIGINT key columns; a string holds no NUL or
+    lone surrogate)."""
     if kind is datetime:
         if not isinstance(value, str):
             raise ValueError("not a time")
@@ -98,6 +104,8 @@ def _key_part(kind: type, value: Any) -> Any:
         return value
     if not isinstance(value, kind):
         raise ValueError(f"not a {kind.__name__}")
+    if isinstance(value, str) and storable_text(value) is not None:
+        raise ValueError("text no backend can compare")
     return value
 
 
@@ -196,16 +204,39 @@ class History:
             query, limit, _connection_record, lambda row: (row.connected_at, row.connection_id)
         )
 
-    async def open_connections(self, *, limit: int = DEFAULT_LIMIT) -> list[ConnectionRecord]:
-        """Connections open now on any node (oldest first)."""
+    async def open_connections(
+        self,
+        *,
+        client_type: ClientType | str | None = None,
+        platform: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> Page[ConnectionRecord]:
+        """Connections open now on any node, newest first; ``client_type`` and ``platform``
+        (in any case, as the live lookups compare it) narrow them."""
+        _text("platform", platform, optional=True)
         c = models.connections.c
-        rows = await self._rows(
+        conditions: list[ColumnElement[bool]] = [c.disconnected_at.is_(None)]
+        if client_type is not None:
+            try:
+                conditions.append(c.client_type == ClientType(client_type).value)
+            except ValueError:
+                raise InvalidArgumentError(
+                    "client_type", f"unknown client type {client_type!r}"
+                ) from None
+        if platform is not None:
+            conditions.append(func.lower(c.platform) == platform.lower())
+        if cursor is not None:
+            at, connection_id = decode_cursor(cursor, datetime, str)
+            conditions.extend(_before(c.connected_at, at, c.connection_id, connection_id))
+        query = (
             select(models.connections)
-            .where(c.disconnected_at.is_(None))
-            .order_by(c.connected_at)
-            .limit(_limit(limit))
+            .where(*conditions)
+            .order_by(c.connected_at.desc(), c.connection_id.desc())
         )
-        return [_connection_record(row) for row in rows]
+        return await self._page(
+            query, limit, _connection_record, lambda row: (row.connected_at, row.connection_id)
+        )
 
     async def sessions(
         self,

@@ -12,7 +12,7 @@ from typing import Annotated, Any, cast
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 
 from registry.registry import Registry
 from registry.server.peer import Peer
@@ -20,6 +20,7 @@ from registry.server.protocol import ServerMessage, ServerMessageType, TaskStatu
 from registry.server.sessions import SessionManager
 from registry.server.ws import sanitise_task_name, token_matches
 from registry.types import ClientType
+from registry.validation import storable_text
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
@@ -58,6 +59,19 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 STORE_DOWN: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorDetail, "description": "The store did not answer"}
 }
+
+
+def _storable(value: str) -> str:
+    problem = storable_text(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+#: A string path or query parameter of an ``/api`` route (an id or a filter): one that no
+#: backend could store or compare (a NUL, a lone surrogate) is refused with a 422 naming the
+#: parameter before anything looks it up, so it can never fail in the store as an outage.
+Text = Annotated[str, AfterValidator(_storable)]
 
 
 class DispatchRequest(BaseModel):
@@ -105,7 +119,9 @@ def create_router() -> APIRouter:
         client_type: Annotated[
             ClientType | None, Query(alias="type", description="Only devices or constellations.")
         ] = None,
-        platform: Annotated[str | None, Query(description="Only this platform (any case).")] = None,
+        platform: Annotated[
+            Text | None, Query(description="Only this platform (any case).")
+        ] = None,
         detail: Annotated[bool, Query(description="Also each client's live info.")] = False,
     ) -> dict[str, Any]:
         """Ids of the clients connected to this node (``type`` and ``platform`` narrow the
@@ -196,7 +212,7 @@ def create_router() -> APIRouter:
         }
 
     @router.get("/task_result/{task_name}")
-    async def task_result(task_name: str, sessions: SessionsDep) -> dict[str, Any]:
+    async def task_result(task_name: Text, sessions: SessionsDep) -> dict[str, Any]:
         """``pending`` until a session of that task name has ended, then its result."""
         result = sessions.results.get(task_name)
         if result is None:

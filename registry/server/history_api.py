@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from registry.history import DEFAULT_LIMIT, MAX_LIMIT, History
-from registry.server.api import API_ERRORS, NOT_FOUND, STORE_DOWN, require_api_key
+from registry.server.api import API_ERRORS, NOT_FOUND, STORE_DOWN, Text, require_api_key
 from registry.types import (
     AuditEvent,
     ClientSummary,
@@ -32,7 +32,7 @@ def _history(request: Request) -> History:
 
 HistoryDep = Annotated[History, Depends(_history)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description=f"Page size, at most {MAX_LIMIT}.")]
-Cursor = Annotated[str | None, Query(description="next_cursor of the previous page.")]
+Cursor = Annotated[Text | None, Query(description="next_cursor of the previous page.")]
 Since = Annotated[datetime | None, Query(description="ISO 8601; naive times are UTC.")]
 Until = Annotated[datetime | None, Query(description="ISO 8601, exclusive; naive is UTC.")]
 
@@ -79,7 +79,7 @@ def create_history_router() -> APIRouter:
     )
 
     @router.get("/clients/{client_id}", responses=NOT_FOUND)
-    async def client(client_id: str, request: Request, history: HistoryDep) -> ClientSummary:
+    async def client(client_id: Text, request: Request, history: HistoryDep) -> ClientSummary:
         """Live info if the client is on this node, else what the store last knew."""
         summary = await history.client(client_id)
         if summary is None:
@@ -89,7 +89,7 @@ def create_history_router() -> APIRouter:
 
     @router.get("/clients/{client_id}/connections")
     async def connections(
-        client_id: str,
+        client_id: Text,
         history: HistoryDep,
         since: Since = None,
         until: Until = None,
@@ -104,7 +104,7 @@ def create_history_router() -> APIRouter:
     @router.get("/sessions")
     async def sessions(
         history: HistoryDep,
-        client: str | None = None,
+        client: Text | None = None,
         role: Literal["owner", "executor"] | None = None,
         state: SessionState | None = None,
         since: Since = None,
@@ -124,7 +124,7 @@ def create_history_router() -> APIRouter:
         )
 
     @router.get("/sessions/{session_id}", responses=NOT_FOUND)
-    async def session(session_id: str, history: HistoryDep) -> SessionDetail:
+    async def session(session_id: Text, history: HistoryDep) -> SessionDetail:
         """A session with its links and its audit events."""
         detail = await history.session(session_id)
         if detail is None:
@@ -132,7 +132,7 @@ def create_history_router() -> APIRouter:
         return detail
 
     @router.get("/devices/{device_id}/info", responses=NOT_FOUND)
-    async def device_info(device_id: str, history: HistoryDep) -> DeviceInfoSnapshot:
+    async def device_info(device_id: Text, history: HistoryDep) -> DeviceInfoSnapshot:
         """The latest info snapshot, also while the device is offline."""
         snapshot = await history.latest_device_info(device_id)
         if snapshot is None:
@@ -141,7 +141,7 @@ def create_history_router() -> APIRouter:
 
     @router.get("/devices/{device_id}/info/history")
     async def device_info_history(
-        device_id: str,
+        device_id: Text,
         history: HistoryDep,
         since: Since = None,
         until: Until = None,
@@ -184,9 +184,9 @@ def create_history_router() -> APIRouter:
     @router.get("/audit")
     async def audit(
         history: HistoryDep,
-        kind: str | None = None,
-        client: str | None = None,
-        session: str | None = None,
+        kind: Text | None = None,
+        client: Text | None = None,
+        session: Text | None = None,
         since: Since = None,
         until: Until = None,
         order: Literal["asc", "desc"] = "asc",

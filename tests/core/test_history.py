@@ -249,7 +249,7 @@ async def test_live_connections_appear_in_history(registry: Registry) -> None:
     assert (oldest.close_code, oldest.close_reason, oldest.remote_address) == (4001, "bye", "h")
     assert oldest.duration_seconds is not None
     assert oldest.duration_seconds >= 0
-    open_now = await registry.history.open_connections()
+    open_now = (await registry.history.open_connections()).items
     assert [r.connection_id for r in open_now] == [newest.connection_id]
 
 

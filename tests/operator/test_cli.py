@@ -32,13 +32,13 @@ async def test_reading_commands_while_the_server_is_up_and_down(fleet: Fleet) ->
         cli("clients", *url),
         cli("clients", "--platform", "WINDOWS", "--type", "device", "--json", *url),
     )
-    rows = ok(live_json).json()
+    rows = ok(live_json).json()["items"]
     assert sorted(row["client_id"] for row in rows) == ["const-1", "dev-lin", "dev-win"]
     assert {row["node_id"] for row in rows} == {fleet.registry.node_id}
     assert all(row["disconnected_at"] is None for row in rows)
     for client_id in ("const-1", "dev-lin", "dev-win"):
         assert client_id in ok(live_table).stdout
-    assert [row["client_id"] for row in ok(windows).json()] == ["dev-win"]
+    assert [row["client_id"] for row in ok(windows).json()["items"]] == ["dev-win"]
 
     await fleet.stop()
     (

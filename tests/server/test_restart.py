@@ -201,7 +201,7 @@ async def test_sigkill_and_restart_recovers_connections_and_sessions(
             assert code == 1012
 
     async with store(database_url) as history:
-        assert await history.open_connections() == []
+        assert (await history.open_connections()).items == []
         device_rows = (await history.connections("dev-r")).items
         assert [row.close_reason for row in device_rows] == ["server_shutdown", "server_restart"]
         (session,) = (await history.sessions("const-r")).items

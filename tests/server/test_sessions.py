@@ -199,7 +199,7 @@ async def test_server_shutdown_closes_every_connection_record(db_url: str) -> No
         (record,) = await _closed_connections(db_url, client_id)
         assert (record.close_code, record.close_reason) == (1012, "server_shutdown"), record
     async with store(db_url) as history:
-        assert await history.open_connections() == []
+        assert (await history.open_connections()).items == []
         (session,) = (await history.sessions("const-shut")).items
     assert session.state is SessionState.INTERRUPTED
 
@@ -283,7 +283,7 @@ async def test_disconnect_before_the_ack_frees_the_id(server: Server, clients: C
 
     async def settled() -> bool:
         async with store(server.database_url) as history:
-            still_open = await history.open_connections()
+            still_open = (await history.open_connections()).items
         return not still_open and not server.registry.is_online("dev-hasty")
 
     await eventually(settled)
