@@ -209,14 +209,23 @@ class History:
         *,
         client_type: ClientType | str | None = None,
         platform: str | None = None,
+        node_id: str | None = None,
+        search: str | None = None,
         limit: int = DEFAULT_LIMIT,
         cursor: str | None = None,
     ) -> Page[ConnectionRecord]:
         """Connections open now on any node, newest first; ``client_type`` and ``platform``
-        (in any case, as the live lookups compare it) narrow them."""
+        (in any case, as the live lookups compare it), ``node_id`` and ``search`` (a part of
+        the client id, in any case) narrow them."""
         _text("platform", platform, optional=True)
+        _text("node_id", node_id, optional=True)
+        _text("search", search, optional=True)
         c = models.connections.c
         conditions: list[ColumnElement[bool]] = [c.disconnected_at.is_(None)]
+        if node_id is not None:
+            conditions.append(c.node_id == node_id)
+        if search:
+            conditions.append(func.lower(c.client_id).contains(search.lower(), autoescape=True))
         if client_type is not None:
             try:
                 conditions.append(c.client_type == ClientType(client_type).value)

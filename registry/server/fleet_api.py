@@ -1,6 +1,6 @@
 """Operator routes under ``/api`` for the fleet as a whole (what the dashboard's overview
-shows): this node's store, the server runs with their connections open now, and the latest
-disconnects."""
+shows): this node's store, the server runs with their connections open now, the connections
+open on every node, and the latest disconnects."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 
 from registry.history import DEFAULT_LIMIT, NORMAL_CLOSE_REASONS
-from registry.server.api import API_ERRORS, STORE_DOWN, RegistryDep, require_api_key
+from registry.server.api import API_ERRORS, STORE_DOWN, RegistryDep, Text, require_api_key
 from registry.server.history_api import Cursor, HistoryDep, Limit, Since, Until, _utc
-from registry.types import ConnectionRecord, NodeRecord, Page
+from registry.types import ClientType, ConnectionRecord, NodeRecord, Page
 
 
 class StoreStatus(BaseModel):
@@ -60,6 +60,33 @@ def create_fleet_router() -> APIRouter:
     ) -> list[NodeRecord]:
         """Server runs, newest first (at most 1000), each with its open connections now."""
         return await history.nodes(running_only=running)
+
+    @router.get("/online")
+    async def online(
+        history: HistoryDep,
+        client_type: Annotated[
+            ClientType | None, Query(alias="type", description="Only devices or constellations.")
+        ] = None,
+        platform: Annotated[
+            Text | None, Query(description="Only this platform (any case).")
+        ] = None,
+        node: Annotated[Text | None, Query(description="Only connections of this node id.")] = None,
+        q: Annotated[
+            Text | None, Query(description="Client ids containing this (any case).")
+        ] = None,
+        limit: Limit = DEFAULT_LIMIT,
+        cursor: Cursor = None,
+    ) -> Page[ConnectionRecord]:
+        """The connections open now on every node, newest first (the store's view: a
+        connection shows once its registration is committed)."""
+        return await history.open_connections(
+            client_type=client_type,
+            platform=platform,
+            node_id=node,
+            search=q,
+            limit=limit,
+            cursor=cursor,
+        )
 
     @router.get("/disconnects")
     async def disconnects(

@@ -76,5 +76,42 @@ async def test_disconnects_newest_first_and_only_abnormal_ones(
 
 async def test_fleet_routes_need_the_key(server: Server) -> None:
     async with server.http(api_key="wrong") as http:
-        for path in ("/api/store", "/api/nodes", "/api/disconnects"):
+        for path in ("/api/store", "/api/nodes", "/api/online", "/api/disconnects"):
             assert (await http.get(path)).status_code == 401, path
+
+
+async def test_online_lists_open_connections_newest_first_with_filters(
+    server: Server, clients: Clients
+) -> None:
+    await clients.register("Dev-A", platform="windows")
+    await clients.register("dev-b", platform="Linux")
+    await clients.register("const-c", "constellation", platform="linux")
+    gone = await clients.register("dev-gone", platform="linux")
+    await gone.close()
+
+    async def ids(**params: Any) -> list[str]:
+        await server.registry.flush()
+        body = await _get(server, "/api/online", **params)
+        return [row["client_id"] for row in body["items"]]
+
+    assert await eventually(ids, lambda found: "dev-gone" not in found) == [
+        "const-c",
+        "dev-b",
+        "Dev-A",
+    ]
+    assert await ids(type="device") == ["dev-b", "Dev-A"]
+    assert await ids(platform="LINUX") == ["const-c", "dev-b"]
+    assert await ids(q="DEV-") == ["dev-b", "Dev-A"]  # a part of the id, in any case
+    assert await ids(q="%") == []  # a LIKE wildcard is a plain character
+    assert await ids(node=server.registry.node_id, type="constellation") == ["const-c"]
+    assert await ids(node="elsewhere") == []
+    first = await _get(server, "/api/online", limit=2)
+    rest = await _get(server, "/api/online", limit=2, cursor=first["next_cursor"])
+    assert [row["client_id"] for row in first["items"] + rest["items"]] == [
+        "const-c",
+        "dev-b",
+        "Dev-A",
+    ]
+    assert rest["next_cursor"] is None
+    async with server.http() as http:
+        assert (await http.get("/api/online", params={"type": "toaster"})).status_code == 422

@@ -180,3 +180,51 @@ async def test_the_pages_work_with_the_keyboard(browser: Browser, devices: Clien
     await page.keyboard.press("Enter")
     await page.wait_for_url("**/ui/sessions?state=active")
     assert browser.errors == []
+
+
+async def test_clients_appear_and_go_live_without_reload(
+    browser: Browser, devices: Clients
+) -> None:
+    await devices.device("dev-early")
+    page = await browser.open("/ui/clients")
+    await browser.enter_key()
+    rows = page.locator("[data-test=clients] tbody tr")
+    await expect(rows).to_have_count(1)
+    await expect(page.locator(".badge", has_text="live")).to_have_text("live")
+    await page.evaluate("() => { window.notReloaded = true; }")
+
+    device = await devices.device("dev-live", system_info={"cpu": 2})
+    live_row = rows.filter(has_text="dev-live")
+    await expect(live_row).to_be_visible(timeout=2000)
+    await expect(rows.first).to_contain_text("dev-live")  # newest first
+    await browser.screenshot("clients")
+    await device.close()
+    await expect(live_row).to_have_count(0, timeout=2000)
+    await expect(rows).to_have_count(1)
+    assert await page.evaluate("() => window.notReloaded") is True
+    assert browser.errors == []
+
+
+async def test_the_clients_filter_survives_a_reload_and_applies_to_live_joins(
+    browser: Browser, devices: Clients
+) -> None:
+    await devices.device("dev-1")
+    await devices.constellation("const-1")
+    page = await browser.open("/ui/clients")
+    await browser.enter_key()
+    rows = page.locator("[data-test=clients] tbody tr")
+    await expect(rows).to_have_count(2)
+    form = page.get_by_role("search")
+    await form.get_by_label("Type").select_option("constellation")
+    await form.get_by_role("button", name="Search").click()
+    await expect(rows).to_have_count(1)
+    assert "type=constellation" in page.url
+    await page.reload()
+    await expect(page.locator(".badge", has_text="live")).to_have_text("live")
+    await expect(rows).to_have_count(1)
+    await expect(rows).to_contain_text("const-1")
+    await devices.device("dev-2")
+    await devices.constellation("const-2")
+    await expect(rows.first).to_contain_text("const-2")
+    await expect(rows).to_have_count(2)  # dev-2 joined, but is not a constellation
+    assert browser.errors == []

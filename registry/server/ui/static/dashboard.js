@@ -449,24 +449,31 @@ document.addEventListener("alpine:init", () => {
     page({
       filters: { q: "", type: "", platform: "", node: "" },
       rows: [],
-      total: null,
       cursor: null,
       cursors: [],
       live: false,
       stop: null,
+      held: null, // events that came while a page was loading, applied once it is shown
       init() {
         const params = urlParams();
         for (const name of Object.keys(this.filters)) this.filters[name] = params[name] || "";
+        // The stream first, the listing once it is live: a join or leave committed after the
+        // listing was read comes as an event, and one it already holds changes nothing when
+        // applied again. Resumed streams (Last-Event-ID) miss nothing, so no reload then.
+        let listed = false;
         this.stop = follow({ kind: ["join", "leave"] }, {
           live: () => {
             this.live = true;
+            if (!listed) {
+              listed = true;
+              this.load();
+            }
           },
           lost: () => {
             this.live = false;
           },
-          event: (kind, event) => this.apply(kind, event),
+          event: (kind, event) => (this.held ? this.held.push([kind, event]) : this.apply(kind, event)),
         });
-        this.load();
       },
       destroy() {
         if (this.stop) this.stop();
@@ -474,7 +481,6 @@ document.addEventListener("alpine:init", () => {
       search() {
         setUrlParams(this.filters);
         this.cursors = [];
-        this.cursor = null;
         this.load();
       },
       next() {
@@ -489,21 +495,16 @@ document.addEventListener("alpine:init", () => {
         return this.cursors.length === 0;
       },
       async load() {
+        this.held = [];
         await this.guard(async () => {
           const at = this.cursors.length ? this.cursors[this.cursors.length - 1] : null;
-          const body = await api("/api/clients", {
-            detail: true,
-            type: this.filters.type,
-            platform: this.filters.platform,
-            node: this.filters.node,
-            q: this.filters.q,
-            limit: 100,
-            cursor: at,
-          });
-          this.rows = body.clients;
-          this.total = body.total;
+          const body = await api("/api/online", Object.assign({ limit: 100, cursor: at }, this.filters));
+          this.rows = body.items;
           this.cursor = body.next_cursor;
         });
+        const held = this.held;
+        this.held = null;
+        held.forEach(([kind, event]) => this.apply(kind, event));
       },
       matches(row) {
         const f = this.filters;
@@ -514,37 +515,20 @@ document.addEventListener("alpine:init", () => {
           (!f.q || row.client_id.toLowerCase().includes(f.q.toLowerCase()))
         );
       },
-      // A join or leave as it is committed: the shown page changes in place, no reload.
+      // A join or leave as it is committed: the page shown changes in place, without reload.
+      // The listing is newest connection first, so a join goes on top of the first page.
       apply(kind, event) {
         const index = this.rows.findIndex((row) => row.client_id === event.client_id);
-        if (kind === "leave") {
-          if (index >= 0) {
-            this.rows.splice(index, 1);
-            if (this.total !== null) this.total -= 1;
-          }
-          return;
-        }
+        if (index >= 0) this.rows.splice(index, 1);
+        if (kind !== "join" || !this.first) return;
         const row = {
           client_id: event.client_id,
           client_type: event.details.client_type,
           platform: event.details.platform,
           node_id: event.node_id,
           connected_at: event.at,
-          metadata: null,
         };
-        if (!this.matches(row)) return;
-        if (index >= 0) {
-          this.rows.splice(index, 1, row);
-          return;
-        }
-        if (this.total !== null) this.total += 1;
-        // In client id order, within the page shown (the next page starts after its last row).
-        const last = this.rows[this.rows.length - 1];
-        if (this.cursor && last && row.client_id > last.client_id) return;
-        let at = this.rows.findIndex((other) => other.client_id > row.client_id);
-        if (at < 0) at = this.rows.length;
-        if (!this.first && at === 0) return;
-        this.rows.splice(at, 0, row);
+        if (this.matches(row)) this.rows.unshift(row);
       },
       csv() {
         downloadCsv("clients", [["client_id", "client_id"], ["client_type", "client_type"], ["platform", "platform"], ["node_id", "node_id"], ["connected_at (UTC)", "connected_at"]], this.rows);
