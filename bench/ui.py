@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import statistics
 import tempfile
 import time
@@ -56,6 +57,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 GOAL_SECONDS = 1.0
+#: Where the first load of each page leaves its screenshot (ignored by git).
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "bench"
 
 
@@ -93,7 +95,7 @@ progress = progress_printer("ui")
 
 async def load_page(browser: Browser, url: str, name: str, screenshot: bool) -> PageTiming:
     """One cold load of ``url``: first contentful paint and data shown, in seconds."""
-    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    context = await browser.new_context(viewport={"width": 1200, "height": 760})
     try:
         page = await context.new_page()
         await page.goto(url)
@@ -111,7 +113,8 @@ async def load_page(browser: Browser, url: str, name: str, screenshot: bool) -> 
             raise RuntimeError(f"{url}: {error}")
         if screenshot:
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            await page.screenshot(path=SCREENSHOTS / f"{name}.png")
+            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+            await page.screenshot(path=SCREENSHOTS / f"{slug}.png")
         return PageTiming(name, marks[0] / 1000, marks[1] / 1000)
     finally:
         await context.close()
@@ -152,18 +155,34 @@ def _since(hours: int) -> str:
 # -- the overview over a million connection rows ---------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class History:
+    """The seeded history: what it holds, and ids to open pages on."""
+
+    described: str
+    client_id: str
+    session_id: str
+
+
 async def measure_overview(
-    server: MeasuredServer, config: Config
+    server: MeasuredServer, config: Config, history: History
 ) -> tuple[list[PageTiming], list[RouteTiming]]:
+    """The overview (both windows) and the other history pages, then the overview's routes."""
     base = f"http://127.0.0.1:{server.port}"
+    history_pages = [
+        ("/ui/", "overview (24 h)"),
+        ("/ui/?window=7d", "overview (7 days)"),
+        (f"/ui/client?id={history.client_id}", "client (a typical device, 7 days)"),
+        ("/ui/sessions?state=failed", "sessions (failed)"),
+        (f"/ui/session?id={history.session_id}", "session"),
+        ("/ui/audit", "audit"),
+    ]
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             pages = [
-                await page_timings(browser, base, "/ui/", "overview (24 h)", config.loads),
-                await page_timings(
-                    browser, base, "/ui/?window=7d", "overview (7 days)", config.loads
-                ),
+                await page_timings(browser, base, path, name, config.loads)
+                for path, name in history_pages
             ]
         finally:
             await browser.close()
@@ -185,14 +204,16 @@ async def measure_overview(
     return pages, await route_timings(base, routes, config.calls)
 
 
-async def build_history(path: Path, rows: int) -> str:
+async def build_history(path: Path, rows: int) -> History:
     shape = queries.Shape(
         connections=rows, clients=max(500, rows // 200), sessions=max(5_000, rows // 20)
     )
     progress(f"seeding {shape.describe()} ...")
     data = queries.generate(shape, int(time.time() * 1_000_000), random.Random(7))
     await queries.load_sqlite(path, data, analyze=False)
-    return shape.describe()
+    return History(
+        shape.describe(), data.typical_client(), queries.session_id(len(data.sessions) - 1)
+    )
 
 
 # -- the clients page with ten thousand connected clients -------------------------------------
@@ -217,9 +238,9 @@ async def measure_clients(
     routes = [
         (route, route)
         for route in (
-            "/api/clients?detail=true&limit=100",
-            "/api/clients?detail=true&limit=100&q=p1-99",
-            "/api/clients?detail=true&limit=100&type=device&platform=windows",
+            "/api/online?limit=100",
+            "/api/online?limit=100&q=p1-99",
+            "/api/online?limit=100&type=device&platform=windows",
         )
     ]
     return pages, await route_timings(base, routes, config.calls), live
@@ -298,11 +319,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ui-") as directory:
         workdir = Path(directory)
         database = workdir / "history.db"
-        described = asyncio.run(build_history(database, config.rows))
+        history = asyncio.run(build_history(database, config.rows))
         server = start_registry(workdir, options.log_level, database_url=seed.sqlite_url(database))
         try:
-            progress(f"overview on {described}")
-            overview_pages, overview_routes = asyncio.run(measure_overview(server, config))
+            progress(f"overview on {history.described}")
+            overview_pages, overview_routes = asyncio.run(measure_overview(server, config, history))
         finally:
             server.halt()
 
@@ -327,8 +348,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         yes_no(live < 2),
     ]
     print(
-        f"Overview over {described}; Clients with {config.clients:,} connected clients "
-        f"(median of {config.loads} cold loads each):\n"
+        f"History pages over {history.described}; Clients with {config.clients:,} connected "
+        f"clients (median of {config.loads} cold loads each):\n"
     )
     headers = ["Page", "First render", "Data shown", "Goal", "Met"]
     print(table(headers, [*page_rows(overview_pages), *page_rows(clients_pages), live_row]))
