@@ -31,7 +31,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from registry.audit import AuditKind
-from registry.errors import InvalidArgumentError
+from registry.errors import InvalidArgumentError, StoreUnavailableError
 from registry.history import MAX_LIMIT, History, encode_cursor
 from registry.server.api import API_ERRORS, require_api_key
 from registry.types import AuditEvent
@@ -167,8 +167,11 @@ class EventFeed:
             self._poked.clear()
             try:
                 await self._read()
-            except Exception:  # a store fault: log it, keep the feed, read again later
-                logger.exception("reading the audit trail for /api/events failed")
+            except StoreUnavailableError as exc:  # an outage: /api/health says so too
+                logger.warning("/api/events: reading the audit trail failed: %s", exc)
+                await asyncio.sleep(self._poll_seconds)
+            except Exception:  # a bug: say so loudly, but keep the feed for every stream
+                logger.exception("/api/events: reading the audit trail failed")
                 await asyncio.sleep(self._poll_seconds)
 
     async def _read(self) -> None:
