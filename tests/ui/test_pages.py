@@ -228,3 +228,15 @@ async def test_the_clients_filter_survives_a_reload_and_applies_to_live_joins(
     await expect(rows.first).to_contain_text("const-2")
     await expect(rows).to_have_count(2)  # dev-2 joined, but is not a constellation
     assert browser.errors == []
+
+
+async def test_docs_render_swagger_ui_from_the_package(browser: Browser) -> None:
+    """The browser here has no internet: what /docs shows came from the server."""
+    requested: list[str] = []
+    browser.page.on("request", lambda request: requested.append(request.url))
+    page = await browser.open("/docs")
+    await expect(page.locator(".swagger-ui .title")).to_contain_text("registry")
+    await expect(page.locator(".opblock-summary-path", has_text="/api/events")).to_be_visible()
+    await browser.screenshot("docs")
+    assert all(url.startswith(browser.base_url) for url in requested), requested
+    assert browser.errors == []

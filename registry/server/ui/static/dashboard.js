@@ -176,7 +176,12 @@ function localTime(iso) {
 }
 
 function utcTime(iso) {
-  return iso ? new Date(iso).toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC") : "";
+  return iso
+    ? new Date(iso)
+        .toISOString()
+        .replace("T", " ")
+        .replace(/\.\d+Z$/, " UTC")
+    : "";
 }
 
 function seconds(value) {
@@ -219,7 +224,12 @@ function ending(row) {
 // -- CSV ----------------------------------------------------------------------------------------
 
 function csvCell(value) {
-  let text = value === null || value === undefined ? "" : typeof value === "object" ? JSON.stringify(value) : String(value);
+  let text =
+    value === null || value === undefined
+      ? ""
+      : typeof value === "object"
+        ? JSON.stringify(value)
+        : String(value);
   if (/^[=+\-@\t\r]/.test(text)) text = "'" + text; // never a formula in a spreadsheet
   return /[",\r\n]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
 }
@@ -253,7 +263,13 @@ function setUrlParams(params) {
 
 // -- charts -------------------------------------------------------------------------------------
 
-const COLOURS = { open: "#2e7d32", normal: "#1565c0", abnormal: "#c62828", connects: "#1565c0", disconnects: "#ef6c00" };
+const COLOURS = {
+  open: "#2e7d32",
+  normal: "#1565c0",
+  abnormal: "#c62828",
+  connects: "#1565c0",
+  disconnects: "#ef6c00",
+};
 
 // Chart.js loads after Alpine.js (the data can be on its way meanwhile): before the document
 // has finished parsing it may not have run yet.
@@ -278,32 +294,32 @@ function counts(object) {
 // The shared part with `extra` added, getters and setters kept (Object.assign would call them).
 function page(extra) {
   const shared = {
-      error: "",
-      loading: false,
-      local: localTime,
-      utc: utcTime,
-      seconds,
-      percent,
-      ending,
-      clientHref: (id) => (id ? "/ui/client" + query({ id }) : ""),
-      sessionHref: (id) => (id ? "/ui/session" + query({ id }) : ""),
-      stateHref: (state) => "/ui/sessions" + query({ state }),
-      auditHref: (client) => "/ui/audit" + query({ client }),
-      json: (value) => (value === null || value === undefined ? "" : JSON.stringify(value)),
-      async guard(work) {
-        this.loading = true;
-        this.error = "";
-        try {
-          await work();
-          await this.$nextTick();
-          // When the data is on the page (the first time: what bench/ui.py measures).
-          performance.mark("registry:data-shown");
-        } catch (error) {
-          this.error = String(error.message || error);
-        } finally {
-          this.loading = false;
-        }
-      },
+    error: "",
+    loading: false,
+    local: localTime,
+    utc: utcTime,
+    seconds,
+    percent,
+    ending,
+    clientHref: (id) => (id ? "/ui/client" + query({ id }) : ""),
+    sessionHref: (id) => (id ? "/ui/session" + query({ id }) : ""),
+    stateHref: (state) => "/ui/sessions" + query({ state }),
+    auditHref: (client) => "/ui/audit" + query({ client }),
+    json: (value) => (value === null || value === undefined ? "" : JSON.stringify(value)),
+    async guard(work) {
+      this.loading = true;
+      this.error = "";
+      try {
+        await work();
+        await this.$nextTick();
+        // When the data is on the page (the first time: what bench/ui.py measures).
+        performance.mark("registry:data-shown");
+      } catch (error) {
+        this.error = String(error.message || error);
+      } finally {
+        this.loading = false;
+      }
+    },
   };
   return Object.defineProperties(shared, Object.getOwnPropertyDescriptors(extra));
 }
@@ -437,8 +453,16 @@ document.addEventListener("alpine:init", () => {
           data: {
             labels,
             datasets: [
-              { label: "connections", data: this.hours.map((h) => h.connects), backgroundColor: COLOURS.connects },
-              { label: "disconnects", data: this.hours.map((h) => h.disconnects), backgroundColor: COLOURS.disconnects },
+              {
+                label: "connections",
+                data: this.hours.map((h) => h.connects),
+                backgroundColor: COLOURS.connects,
+              },
+              {
+                label: "disconnects",
+                data: this.hours.map((h) => h.disconnects),
+                backgroundColor: COLOURS.disconnects,
+              },
             ],
           },
           options: { animation: false, maintainAspectRatio: false, scales: { y: { beginAtZero: true } } },
@@ -446,15 +470,54 @@ document.addEventListener("alpine:init", () => {
       },
       csv(table) {
         const tables = {
-          online: [[["by", "by"], ["name", "name"], ["online", "count"]], [
-            ...this.byType.map((row) => Object.assign({ by: "type" }, row)),
-            ...this.byPlatform.map((row) => Object.assign({ by: "platform" }, row)),
-            ...this.nodes.map((node) => ({ by: "node", name: node.name, count: node.online })),
-          ]],
-          nodes: [[["node_id", "node_id"], ["name", "name"], ["hostname", "hostname"], ["pid", "pid"], ["started_at (UTC)", "started_at"], ["heartbeat_at (UTC)", "heartbeat_at"], ["online", "online"]], this.nodes],
-          hours: [[["hour (UTC)", "hour"], ["connects", "connects"], ["disconnects", "disconnects"], ["connected_seconds", "connected_seconds"], ["disconnects_by_reason", "disconnects_by_reason"]], this.hours],
-          states: [[["state", "name"], ["sessions", "count"]], this.byState],
-          reasons: [[["close_reason", "name"], ["disconnects", "count"]], this.byReason],
+          online: [
+            [
+              ["by", "by"],
+              ["name", "name"],
+              ["online", "count"],
+            ],
+            [
+              ...this.byType.map((row) => Object.assign({ by: "type" }, row)),
+              ...this.byPlatform.map((row) => Object.assign({ by: "platform" }, row)),
+              ...this.nodes.map((node) => ({ by: "node", name: node.name, count: node.online })),
+            ],
+          ],
+          nodes: [
+            [
+              ["node_id", "node_id"],
+              ["name", "name"],
+              ["hostname", "hostname"],
+              ["pid", "pid"],
+              ["started_at (UTC)", "started_at"],
+              ["heartbeat_at (UTC)", "heartbeat_at"],
+              ["online", "online"],
+            ],
+            this.nodes,
+          ],
+          hours: [
+            [
+              ["hour (UTC)", "hour"],
+              ["connects", "connects"],
+              ["disconnects", "disconnects"],
+              ["connected_seconds", "connected_seconds"],
+              ["disconnects_by_reason", "disconnects_by_reason"],
+            ],
+            this.hours,
+          ],
+          states: [
+            [
+              ["state", "name"],
+              ["sessions", "count"],
+            ],
+            this.byState,
+          ],
+          reasons: [
+            [
+              ["close_reason", "name"],
+              ["disconnects", "count"],
+            ],
+            this.byReason,
+          ],
           abnormal: [CONNECTION_COLUMNS, this.abnormal],
         };
         const [columns, rows] = tables[table];
@@ -479,19 +542,22 @@ document.addEventListener("alpine:init", () => {
         // listing was read comes as an event, and one it already holds changes nothing when
         // applied again. Resumed streams (Last-Event-ID) miss nothing, so no reload then.
         let listed = false;
-        this.stop = follow({ kind: ["join", "leave"] }, {
-          live: () => {
-            this.live = true;
-            if (!listed) {
-              listed = true;
-              this.load();
-            }
+        this.stop = follow(
+          { kind: ["join", "leave"] },
+          {
+            live: () => {
+              this.live = true;
+              if (!listed) {
+                listed = true;
+                this.load();
+              }
+            },
+            lost: () => {
+              this.live = false;
+            },
+            event: (kind, event) => (this.held ? this.held.push([kind, event]) : this.apply(kind, event)),
           },
-          lost: () => {
-            this.live = false;
-          },
-          event: (kind, event) => (this.held ? this.held.push([kind, event]) : this.apply(kind, event)),
-        });
+        );
       },
       destroy() {
         if (this.stop) this.stop();
@@ -549,7 +615,17 @@ document.addEventListener("alpine:init", () => {
         if (this.matches(row)) this.rows.unshift(row);
       },
       csv() {
-        downloadCsv("clients", [["client_id", "client_id"], ["client_type", "client_type"], ["platform", "platform"], ["node_id", "node_id"], ["connected_at (UTC)", "connected_at"]], this.rows);
+        downloadCsv(
+          "clients",
+          [
+            ["client_id", "client_id"],
+            ["client_type", "client_type"],
+            ["platform", "platform"],
+            ["node_id", "node_id"],
+            ["connected_at (UTC)", "connected_at"],
+          ],
+          this.rows,
+        );
       },
     }),
   );
@@ -594,7 +670,9 @@ document.addEventListener("alpine:init", () => {
           ]);
           this.summary = summary;
           // A connection opened before the window that lasted into it belongs on the timeline.
-          const straddling = before.items.filter((row) => !row.disconnected_at || row.disconnected_at > since);
+          const straddling = before.items.filter(
+            (row) => !row.disconnected_at || row.disconnected_at > since,
+          );
           this.connections = inside.items.concat(straddling);
           this.truncated = inside.truncated;
           this.snapshots = diffSnapshots(snapshots.items);
@@ -631,7 +709,20 @@ document.addEventListener("alpine:init", () => {
             animation: false,
             maintainAspectRatio: false,
             scales: {
-              x: { type: "linear", min: start, max: end, ticks: { callback: (value) => new Date(value).toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" }) } },
+              x: {
+                type: "linear",
+                min: start,
+                max: end,
+                ticks: {
+                  callback: (value) =>
+                    new Date(value).toLocaleString([], {
+                      month: "short",
+                      day: "numeric",
+                      hour: "2-digit",
+                      minute: "2-digit",
+                    }),
+                },
+              },
               y: { display: false },
             },
             plugins: {
@@ -650,7 +741,14 @@ document.addEventListener("alpine:init", () => {
       csv(table) {
         const tables = {
           connections: [CONNECTION_COLUMNS, this.connections],
-          snapshots: [[["captured_at (UTC)", "captured_at"], ["changes", (row) => row.changes.map((c) => c.text).join("; ")], ["info", "info"]], this.snapshots],
+          snapshots: [
+            [
+              ["captured_at (UTC)", "captured_at"],
+              ["changes", (row) => row.changes.map((c) => c.text).join("; ")],
+              ["info", "info"],
+            ],
+            this.snapshots,
+          ],
           sessions: [SESSION_COLUMNS, this.sessions],
           audit: [AUDIT_COLUMNS, this.audit],
         };
@@ -703,7 +801,10 @@ document.addEventListener("alpine:init", () => {
       async load() {
         await this.guard(async () => {
           const at = this.cursors.length ? this.cursors[this.cursors.length - 1] : null;
-          const body = await api("/api/sessions", Object.assign({}, this.filters, { limit: 100, cursor: at }));
+          const body = await api(
+            "/api/sessions",
+            Object.assign({}, this.filters, { limit: 100, cursor: at }),
+          );
           this.rows = body.items;
           this.cursor = body.next_cursor;
         });
@@ -736,7 +837,16 @@ document.addEventListener("alpine:init", () => {
       },
       csv(table) {
         if (table === "links") {
-          downloadCsv(`${this.id}-links`, [["client_id", "client_id"], ["role", "role"], ["bound_at (UTC)", "bound_at"], ["unbound_at (UTC)", "unbound_at"]], this.detail.links);
+          downloadCsv(
+            `${this.id}-links`,
+            [
+              ["client_id", "client_id"],
+              ["role", "role"],
+              ["bound_at (UTC)", "bound_at"],
+              ["unbound_at (UTC)", "unbound_at"],
+            ],
+            this.detail.links,
+          );
         } else {
           downloadCsv(`${this.id}-audit`, AUDIT_COLUMNS, this.detail.events);
         }
@@ -751,10 +861,21 @@ document.addEventListener("alpine:init", () => {
       cursor: null,
       cursors: [],
       kinds: [
-        "client_registered", "client_removed", "client_replaced", "client_duplicate_refused",
-        "connection_recovered", "session_opened", "session_bound", "session_unbound",
-        "session_ended", "session_interrupted", "device_info_changed", "node_started",
-        "node_stopped", "node_recovered", "pruned",
+        "client_registered",
+        "client_removed",
+        "client_replaced",
+        "client_duplicate_refused",
+        "connection_recovered",
+        "session_opened",
+        "session_bound",
+        "session_unbound",
+        "session_ended",
+        "session_interrupted",
+        "device_info_changed",
+        "node_started",
+        "node_stopped",
+        "node_recovered",
+        "pruned",
       ],
       init() {
         const params = urlParams();
@@ -792,7 +913,10 @@ document.addEventListener("alpine:init", () => {
       async load() {
         await this.guard(async () => {
           const at = this.cursors.length ? this.cursors[this.cursors.length - 1] : null;
-          const body = await api("/api/audit", Object.assign({}, this.filters, { order: "desc", limit: 100, cursor: at }));
+          const body = await api(
+            "/api/audit",
+            Object.assign({}, this.filters, { order: "desc", limit: 100, cursor: at }),
+          );
           this.rows = body.items;
           this.cursor = body.next_cursor;
         });
@@ -825,9 +949,11 @@ function diffSnapshots(snapshots) {
     const changes = [];
     for (const key of Object.keys(now)) {
       if (!(key in before)) changes.push({ text: `+ ${key} = ${now[key]}`, how: "added" });
-      else if (before[key] !== now[key]) changes.push({ text: `~ ${key}: ${before[key]} → ${now[key]}`, how: "changed" });
+      else if (before[key] !== now[key])
+        changes.push({ text: `~ ${key}: ${before[key]} → ${now[key]}`, how: "changed" });
     }
-    for (const key of Object.keys(before)) if (!(key in now)) changes.push({ text: `- ${key}`, how: "removed" });
+    for (const key of Object.keys(before))
+      if (!(key in now)) changes.push({ text: `- ${key}`, how: "removed" });
     return Object.assign({ changes }, snapshot);
   });
 }
