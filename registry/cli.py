@@ -7,7 +7,7 @@ is down), as tables or, with ``--json``, as JSON; ``prune`` applies retention.
 Every option of ``serve`` is also a ``REGISTRY_*`` environment variable; options given on the
 command line win. Every failure is one line on stderr and an exit code: 0 success, 1 not found,
 2 bad usage, 3 database unavailable or schema mismatch (or missing, for a command that only
-reads).
+reads), 4 the server cannot start (its address is taken, its key file unusable).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import asyncio
 import gc
 import json
 import re
-import secrets
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -45,18 +44,30 @@ T = TypeVar("T")
 GC_YOUNG_THRESHOLD = 50_000
 
 EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2
 EXIT_STORE = 3
+EXIT_CANNOT_SERVE = 4
+
+
+class _BadUsage(click.ClickException):
+    """Bad usage said in one line (a UsageError would print the usage above it)."""
+
+    exit_code = EXIT_USAGE
 
 
 class _StoreFailure(click.ClickException):
     exit_code = EXIT_STORE
 
 
+class _CannotServe(click.ClickException):
+    exit_code = EXIT_CANNOT_SERVE
+
+
 def _settings(**options: Any) -> Settings:
     try:
         return Settings(**{name: value for name, value in options.items() if value is not None})
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise _BadUsage(str(exc)) from exc
 
 
 @click.group()
@@ -69,38 +80,89 @@ def main() -> None:
 @click.option("--host", help="Interface to bind (default 127.0.0.1).")
 @click.option("--port", type=int, help="Port to bind (default 5000).")
 @click.option("--database-url", help=f"SQLAlchemy URL (default {DEFAULT_URL}).")
-@click.option("--api-key", help="Key for /api and /ws (default: generate one and print it).")
+@click.option("--api-key", help="Key for /api and /ws (default: the one in the key file).")
+@click.option(
+    "--api-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File keeping the key: read, or generated and written owner-only "
+    "(default: the SQLite database's path plus .key).",
+)
 @click.option("--no-auth", is_flag=True, help="Serve without any key (trusted networks only).")
+@click.option(
+    "--auto-migrate/--no-auto-migrate",
+    default=None,
+    help="Upgrade the schema on start (default: on for SQLite, off for PostgreSQL).",
+)
 @click.option("--runner", help="Session runner class, package.module:Class.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, help="Accepted Host header.")
 @click.option("--log-level", default="info", show_default=True)
 def serve(no_auth: bool, allowed_hosts: tuple[str, ...], log_level: str, **options: Any) -> None:
-    """Run the WebSocket and HTTP server."""
+    """Run the WebSocket and HTTP server until SIGINT or SIGTERM (then exit 0)."""
     from registry.server import create_app, listen
 
     settings = _settings(allowed_hosts=list(allowed_hosts) or None, **options)
-    if no_auth:
-        settings = settings.model_copy(update={"api_key": None})
-    elif settings.api_key is None:
-        key = secrets.token_urlsafe(24)
-        settings = settings.model_copy(update={"api_key": key})
-        click.echo(f"API key (generated for this run): {key}", err=True)
+    settings, key_source = _with_api_key(settings, no_auth)
     try:
         app = create_app(settings)
-    except RegistryError as exc:
-        raise click.ClickException(str(exc)) from exc
+    except InvalidArgumentError as exc:  # e.g. a runner that cannot be imported
+        raise _BadUsage(str(exc)) from exc
     try:
         sock = listen.bind(settings.host, settings.port, settings.send_timeout)
     except OSError as exc:
-        raise click.ClickException(
+        raise _CannotServe(
             f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
         ) from exc
+    host = f"[{settings.host.strip('[]')}]" if ":" in settings.host else settings.host
+    address = f"{host}:{sock.getsockname()[1]}"
+
+    def announce() -> None:
+        registry = app.state.registry
+        click.echo(
+            f"registry serving http://{address} and ws://{address}/ws, node {registry.node_id}, "
+            f"database {registry.database_url}, {key_source}"
+        )
+
     # Thousands of long-lived connection objects make each full collection long (seen: up to
     # 0.9 s with 5,000 clients, stalling every connection): move what is loaded now out of
     # the collector's sight and collect the young generation less often.
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-    listen.run(app, settings, log_level, sock)
+    try:
+        listen.run(app, settings, log_level, sock, announce)
+    except InvalidArgumentError as exc:  # e.g. a node name the registry refuses
+        raise _BadUsage(str(exc)) from exc
+    except RegistryError as exc:  # the store unreachable, its schema behind, ...
+        raise _StoreFailure(str(exc)) from exc
+
+
+def _with_api_key(settings: Settings, no_auth: bool) -> tuple[Settings, str]:
+    """``settings`` with the key to serve with, and where it comes from (for the start line).
+
+    A key given is used as is; otherwise the key file's, generated (and printed, this once)
+    if there is none yet."""
+    from registry.server.apikey import KeyFileError, load_or_create
+
+    if no_auth:
+        return settings.model_copy(update={"api_key": None}), "no API key (--no-auth)"
+    if settings.api_key is not None:
+        return settings, "API key from --api-key or REGISTRY_API_KEY"
+    try:
+        path = settings.key_file()
+    except InvalidArgumentError as exc:  # a database URL that cannot be served
+        raise _BadUsage(str(exc)) from exc
+    if path is None:
+        raise _BadUsage(
+            "a database that is not a SQLite file has no place for a generated API key: "
+            "give --api-key, --api-key-file or --no-auth (nodes that share a database must "
+            "share one key)"
+        )
+    try:
+        key, created = load_or_create(path)
+    except KeyFileError as exc:
+        raise _CannotServe(str(exc)) from exc
+    if created:
+        click.echo(f"API key generated and kept in {path} (owner-only): {key}", err=True)
+    return settings.model_copy(update={"api_key": key}), f"API key in {path}"
 
 
 @main.group()
@@ -136,7 +198,7 @@ def _run_schema(action: str, database_url: str | None) -> None:
     try:
         asyncio.run(run())
     except InvalidArgumentError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise _BadUsage(str(exc)) from exc
     except RegistryError as exc:  # unreachable, or not at the newest revision
         raise _StoreFailure(str(exc)) from exc
     except (SQLAlchemyError, OSError) as exc:
@@ -176,30 +238,35 @@ def _text(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
     can take, so it is bad usage (exit code 2) rather than a store failure."""
     problem = None if value is None else storable_text(value)
     if problem is not None:
-        raise click.BadParameter(problem, ctx, param)
+        raise _invalid(ctx, param, problem)
     return value
 
 
-#: The command-line names of the History arguments a listing passes on unchanged.
-_OPTION_OF = {"cursor": "--cursor", "since": "--since", "until": "--until"}
-
-
-def parse_duration(text: str) -> timedelta:
-    """``90s``, ``15m``, ``12h``, ``30d`` or ``2w`` as a timedelta."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise click.BadParameter(f"{text!r} is not a duration like 30d, 12h, 15m, 90s or 2w")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
-
-
-def _time(text: str | None) -> datetime | None:
+def _instant(ctx: click.Context, param: click.Parameter, text: str | None) -> datetime | None:
+    """An ISO 8601 time (naive is UTC)."""
     if text is None:
         return None
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not an ISO 8601 time") from None
+        raise _invalid(ctx, param, f"{text!r} is not an ISO 8601 time") from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _age(ctx: click.Context, param: click.Parameter, text: str) -> timedelta:
+    """``90s``, ``15m``, ``12h``, ``30d`` or ``2w``."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise _invalid(ctx, param, f"{text!r} is not a duration like 30d, 12h, 15m, 90s or 2w")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _invalid(ctx: click.Context, param: click.Parameter, problem: str) -> _BadUsage:
+    return _BadUsage(f"Invalid value for {param.get_error_hint(ctx)}: {problem}")
+
+
+#: The command-line names of the History arguments a listing passes on unchanged.
+_OPTION_OF = {"cursor": "--cursor", "since": "--since", "until": "--until"}
 
 
 def _existing_database(database_url: str | None) -> str:
@@ -231,9 +298,9 @@ def _query(database_url: str | None, action: Callable[[History], Awaitable[T]]) 
     except InvalidArgumentError as exc:  # e.g. --since after --until: bad usage
         option = _OPTION_OF.get(exc.argument)
         if option is None:
-            raise click.UsageError(str(exc)) from exc
+            raise _BadUsage(str(exc)) from exc
         detail = str(exc).removeprefix(f"{exc.argument}: ")
-        raise click.BadParameter(detail, param_hint=f"'{option}'") from exc
+        raise _BadUsage(f"Invalid value for '{option}': {detail}") from exc
     except StoreError as exc:
         raise _StoreFailure(str(exc)) from exc
     except (SQLAlchemyError, OSError) as exc:
@@ -273,8 +340,12 @@ def _read_options(function: Any) -> Any:
 
 
 def _window_options(function: Any) -> Any:
-    function = click.option("--until", help="ISO 8601 time (exclusive; naive is UTC).")(function)
-    return click.option("--since", help="ISO 8601 time (naive is UTC).")(function)
+    function = click.option(
+        "--until", callback=_instant, help="ISO 8601 time (exclusive; naive is UTC)."
+    )(function)
+    return click.option("--since", callback=_instant, help="ISO 8601 time (naive is UTC).")(
+        function
+    )
 
 
 def _page_options(function: Any) -> Any:
@@ -338,7 +409,7 @@ def client(database_url: str | None, as_json: bool, client_id: str) -> None:
             ("online", "yes" if summary.online else "no"),
             ("connected", _when(summary.connected_at)),
             ("first seen", _when(summary.first_seen)),
-            ("last seen", _when(summary.last_seen)),
+            ("last seen", "now" if summary.online else _when(summary.last_seen)),
             ("connections", summary.connection_count),
             ("metadata", json.dumps(summary.metadata)),
         )
@@ -354,19 +425,16 @@ def client(database_url: str | None, as_json: bool, client_id: str) -> None:
 def history(
     database_url: str | None,
     as_json: bool,
-    since: str | None,
-    until: str | None,
+    since: datetime | None,
+    until: datetime | None,
     limit: int,
     cursor: str | None,
     client_id: str,
 ) -> None:
     """Connection history of one client, newest first (exit code 1 if it was never seen)."""
-    since_at, until_at = _time(since), _time(until)
 
     async def read(h: History) -> tuple[Page[ConnectionRecord], bool]:
-        page = await h.connections(
-            client_id, since=since_at, until=until_at, limit=limit, cursor=cursor
-        )
+        page = await h.connections(client_id, since=since, until=until, limit=limit, cursor=cursor)
         return page, bool(page.items) or await h.client(client_id) is not None
 
     page, known = _query(database_url, read)
@@ -404,19 +472,18 @@ def history(
 def sessions(
     database_url: str | None,
     as_json: bool,
-    since: str | None,
-    until: str | None,
+    since: datetime | None,
+    until: datetime | None,
     limit: int,
     cursor: str | None,
     client_id: str | None,
     state: str | None,
 ) -> None:
     """Sessions, newest first."""
-    since_at, until_at = _time(since), _time(until)
     page = _query(
         database_url,
         lambda h: h.sessions(
-            client_id, state=state, since=since_at, until=until_at, limit=limit, cursor=cursor
+            client_id, state=state, since=since, until=until, limit=limit, cursor=cursor
         ),
     )
     table = [
@@ -445,8 +512,8 @@ def sessions(
 def audit(
     database_url: str | None,
     as_json: bool,
-    since: str | None,
-    until: str | None,
+    since: datetime | None,
+    until: datetime | None,
     limit: int,
     cursor: str | None,
     kind: str | None,
@@ -454,15 +521,14 @@ def audit(
     session_id: str | None,
 ) -> None:
     """The audit trail, newest first."""
-    since_at, until_at = _time(since), _time(until)
     page = _query(
         database_url,
         lambda h: h.audit(
             kind=kind,
             client_id=client_id,
             session_id=session_id,
-            since=since_at,
-            until=until_at,
+            since=since,
+            until=until,
             newest_first=True,
             limit=limit,
             cursor=cursor,
@@ -485,10 +551,11 @@ def audit(
 @main.command()
 @_read_options
 @_window_options
-def stats(database_url: str | None, as_json: bool, since: str | None, until: str | None) -> None:
+def stats(
+    database_url: str | None, as_json: bool, since: datetime | None, until: datetime | None
+) -> None:
     """Online now, and figures over a window (default: the last 24 hours)."""
-    since_at, until_at = _time(since), _time(until)
-    figures = _query(database_url, lambda h: h.statistics(since=since_at, until=until_at))
+    figures = _query(database_url, lambda h: h.statistics(since=since, until=until))
     table: list[dict[str, Any]] = [
         {"figure": "window", "value": f"{_when(figures.since)} .. {_when(figures.until)}"},
         *(
@@ -521,10 +588,12 @@ def stats(database_url: str | None, as_json: bool, since: str | None, until: str
 
 @main.command()
 @_database_option
-@click.option("--older-than", "older_than", required=True, help="Age like 30d, 12h or 2w.")
+@click.option(
+    "--older-than", "older_than", required=True, callback=_age, help="Age like 30d, 12h or 2w."
+)
 @click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def prune(database_url: str | None, older_than: str, dry_run: bool, as_json: bool) -> None:
+def prune(database_url: str | None, older_than: timedelta, dry_run: bool, as_json: bool) -> None:
     """Delete history and audit older than --older-than, in bounded batches.
 
     Open connections, active or interrupted sessions and each device's latest info snapshot
@@ -532,7 +601,7 @@ def prune(database_url: str | None, older_than: str, dry_run: bool, as_json: boo
     """
     from registry.prune import prune as run_prune
 
-    cutoff = datetime.now(UTC) - parse_duration(older_than)
+    cutoff = datetime.now(UTC) - older_than
     url = _existing_database(database_url)
 
     async def run() -> PruneReport:
@@ -557,7 +626,7 @@ def prune(database_url: str | None, older_than: str, dry_run: bool, as_json: boo
     try:
         report = asyncio.run(run())
     except InvalidArgumentError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise _BadUsage(str(exc)) from exc
     except StoreError as exc:
         raise _StoreFailure(str(exc)) from exc
     except (SQLAlchemyError, OSError) as exc:

@@ -43,6 +43,20 @@ class SessionOwnershipError(RegistryError):
         self.owner_id = owner_id
 
 
+class SessionFinishedError(RegistryError):
+    """Its owner tried to open a session id again after the session had ended (``completed``,
+    ``failed`` or ``cancelled``): a finished session keeps its record, so a new run needs a new
+    session id. ``state`` is how the session ended."""
+
+    def __init__(self, session_id: str, state: str) -> None:
+        super().__init__(
+            f"session_id '{session_id}' has already ended ({state}); "
+            "a finished session cannot be reopened: use a new session_id"
+        )
+        self.session_id = session_id
+        self.state = state
+
+
 class RegistryClosedError(RegistryError):
     """A mutation or query was attempted on a registry that is not started or already closed."""
 
@@ -62,6 +76,15 @@ class JournalFullError(StoreUnavailableError):
 
 class SchemaError(StoreError):
     """The database schema is behind (and auto-migration is off) or unknown to this version."""
+
+
+class BusUnavailableError(RegistryError):
+    """The bus between nodes cannot carry a message now: it is not connected, its server is
+    unreachable (the bus reconnects by itself), or the node addressed is not listening."""
+
+
+class BusTimeoutError(RegistryError):
+    """A request over the bus got no answer from the node addressed within its timeout."""
 
 
 def describe(exc: BaseException) -> str:

@@ -169,12 +169,12 @@ class History:
             next_cursor=encode_cursor(*key(rows[-1])) if more else None,
         )
 
-    async def session_owner(self, session_id: str) -> str | None:
-        """The stored owner of a session id, or None if it was never seen."""
+    async def session_status(self, session_id: str) -> tuple[str | None, SessionState] | None:
+        """The stored owner and state of a session id, or None if it was never seen."""
         _text("session_id", session_id)
         s = models.sessions.c
-        rows = await self._rows(select(s.owner_id).where(s.session_id == session_id))
-        return rows[0][0] if rows else None
+        rows = await self._rows(select(s.owner_id, s.state).where(s.session_id == session_id))
+        return (rows[0][0], SessionState(rows[0][1])) if rows else None
 
     async def connections(
         self,
@@ -354,7 +354,11 @@ class History:
         )
 
     async def client(self, client_id: str) -> ClientSummary | None:
-        """What the store knows of ``client_id``, or None if it was never seen."""
+        """What the store knows of ``client_id``, or None if it was never seen.
+
+        ``last_seen`` is derived, not stored per heartbeat: now while a connection of the
+        client is open (on any node), else when its last connection closed (by its server, or
+        by recovery at the lost run's last heartbeat)."""
         _text("client_id", client_id)
         cl, c = models.clients.c, models.connections.c
         try:
@@ -366,9 +370,13 @@ class History:
                 ).first()
                 if row is None:
                     return None
-                count = (
-                    await connection.execute(select(func.count()).where(c.client_id == client_id))
-                ).scalar_one()
+                count, last_closed = (
+                    await connection.execute(
+                        select(func.count(), func.max(c.disconnected_at)).where(
+                            c.client_id == client_id
+                        )
+                    )
+                ).one()
                 live = (
                     await connection.execute(
                         select(c.connected_at, c.node_id)
@@ -379,13 +387,17 @@ class History:
                 ).first()
         except SQLAlchemyError as exc:
             raise StoreUnavailableError(f"client query failed: {describe(exc)}") from exc
+        if live is not None:
+            last_seen = datetime.now(UTC)
+        else:  # the clients row keeps the time of a close whose connection row was pruned
+            last_seen = row.last_seen if last_closed is None else max(row.last_seen, last_closed)
         return ClientSummary(
             client_id=row.client_id,
             client_type=row.client_type,
             platform=row.platform,
             metadata=row.metadata,
             first_seen=row.first_seen,
-            last_seen=row.last_seen,
+            last_seen=last_seen,
             connection_count=count,
             online=live is not None,
             connected_at=live.connected_at if live else None,

@@ -33,6 +33,7 @@ from registry.errors import (
     DuplicateClientError,
     InvalidArgumentError,
     RegistryClosedError,
+    SessionFinishedError,
     SessionOwnershipError,
     StoreUnavailableError,
     describe,
@@ -75,6 +76,8 @@ logger = logging.getLogger(__name__)
 
 REASON_REMOVED = "removed"
 REASON_REPLACED = "replaced"
+#: The close code recorded for a replaced registration: the one the server closes it with.
+CODE_REPLACED = 4411
 REASON_SHUTDOWN = "server_shutdown"
 REASON_UNLINKED = "unlinked"
 REASON_NOT_DURABLE = "store_unavailable"
@@ -387,15 +390,22 @@ class Registry:
         metadata: dict[str, Any] | None = None,
         *,
         remote_address: str | None = None,
+        replacing: Any = None,
     ) -> None:
         """Register a new client connection on this node.
 
         Raises :class:`InvalidArgumentError` for bad arguments,
         :class:`DuplicateClientError` when ``client_id`` is live and the policy is ``refuse``,
         and :class:`JournalFullError` when the journal is at its limit; in each case nothing
-        changes (a refused duplicate is audited).
+        changes (a refused duplicate is audited). ``replacing`` names the websocket of a live
+        registration of ``client_id`` to replace whatever the policy (the server passes one
+        that did not answer a ping); a live registration on any other websocket still counts
+        as a duplicate. A replaced registration's record is closed with code
+        :data:`CODE_REPLACED` and reason ``replaced``; closing its websocket is the caller's.
         """
-        self._add_client(client_id, platform, websocket, client_type, metadata, remote_address)
+        self._add_client(
+            client_id, platform, websocket, client_type, metadata, remote_address, replacing
+        )
 
     async def add_client_durable(
         self,
@@ -406,10 +416,11 @@ class Registry:
         metadata: dict[str, Any] | None = None,
         *,
         remote_address: str | None = None,
+        replacing: Any = None,
     ) -> ClientInfo:
         """:meth:`add_client`, returning (a copy of) the new info once it is durable."""
         live, sequence = self._add_client(
-            client_id, platform, websocket, client_type, metadata, remote_address
+            client_id, platform, websocket, client_type, metadata, remote_address, replacing
         )
         await self.journal.wait(sequence)
         return LiveMap.copy_info(live)
@@ -422,6 +433,7 @@ class Registry:
         client_type: ClientType | str,
         metadata: dict[str, Any] | None,
         remote_address: str | None,
+        replacing: Any = None,
     ) -> tuple[LiveClient, int]:
         client_id = require_id("client_id", client_id)
         platform = require_text("platform", platform, max_length=MAX_ID_LENGTH)
@@ -434,7 +446,9 @@ class Registry:
         at = _utc(now)
         existing = self._live.clients.get(client_id)
         if existing is not None:
-            if self._on_duplicate is DuplicatePolicy.REFUSE:
+            if self._on_duplicate is DuplicatePolicy.REFUSE and (
+                replacing is None or existing.info.websocket is not replacing
+            ):
                 self._audit(
                     AuditKind.CLIENT_DUPLICATE_REFUSED,
                     at,
@@ -443,7 +457,7 @@ class Registry:
                     remote_address=remote_address,
                 )
                 raise DuplicateClientError(client_id)
-            self._close(existing, at, None, REASON_REPLACED, AuditKind.CLIENT_REPLACED)
+            self._close(existing, at, CODE_REPLACED, REASON_REPLACED, AuditKind.CLIENT_REPLACED)
         info = ClientInfo(
             client_id=client_id,
             platform=platform,
@@ -606,7 +620,10 @@ class Registry:
     ) -> None:
         """Remove a session from all mappings (O(its links)).
 
-        A session still active ends in ``state`` (default ``completed``) with ``reason``.
+        A session still live (active, or interrupted by a server restart) ends in ``state``:
+        ``completed`` (the default), ``failed`` or ``cancelled``, with ``reason``. Any other
+        ``state`` (``active``, and ``interrupted``, which only the registry sets when its run
+        stops) raises :class:`InvalidArgumentError` and changes nothing.
         """
         self._end(session_id, state, reason)
 
@@ -661,9 +678,10 @@ class Registry:
                 self._forget(session_id, at)
 
     def _forget(self, session_id: str, at: datetime) -> None:
-        """Drop a session left without links; an active one ends ``cancelled``."""
+        """Drop a session left without links; a live one ends ``cancelled``: an interrupted
+        one too, since its owner finds it only through its links."""
         session = self._live.sessions.pop(session_id, None)
-        if session is not None and session.state is SessionState.ACTIVE:
+        if session is not None:
             self._set_session(
                 session,
                 state=SessionState.CANCELLED,
@@ -678,8 +696,12 @@ class Registry:
             final = SessionState(state)
         except ValueError:
             final = SessionState.ACTIVE
-        if final is SessionState.ACTIVE:
-            raise InvalidArgumentError("state", f"must be a final session state, not {state!r}")
+        if not final.is_final:
+            raise InvalidArgumentError(
+                "state",
+                f"must be completed, failed or cancelled, not {state!r} "
+                "(a session is interrupted only by its server run stopping)",
+            )
         reason = free_text("reason", reason)
         session_id = require_id("session_id", session_id)
         self._check_removable()
@@ -695,7 +717,7 @@ class Registry:
                 AuditKind.SESSION_UNBOUND, at, client_id=client_id, session_id=session_id, role=role
             )
         del self._live.sessions[session_id]
-        if session.state in (SessionState.ACTIVE, SessionState.INTERRUPTED):
+        if not session.state.is_final:
             sequence = self._set_session(
                 session,
                 state=final,
@@ -712,7 +734,7 @@ class Registry:
         """Record ``session`` with ``changes`` in memory (while not final) and in the journal."""
         if changes:
             session = dataclasses.replace(session, **changes)
-        if session.state in (SessionState.ACTIVE, SessionState.INTERRUPTED):
+        if not session.state.is_final:
             self._live.sessions[session.session_id] = session
         sequence = self._append(
             Op.SESSION,
@@ -746,15 +768,18 @@ class Registry:
         return {kind: len(clients) for kind, clients in self._live.by_type.items()}
 
     def session_counts(self) -> dict[SessionState, int]:
-        """How many sessions this node knows in each state (active or interrupted)."""
+        """How many live sessions this node holds in each state: ``active`` ones, and
+        ``interrupted`` ones waiting for their owner to resume or end them. A session leaves
+        the count when it ends."""
         return dict(Counter(session.state for session in self._live.sessions.values()))
 
     def get_session(self, session_id: str) -> SessionInfo | None:
-        """The session if this node knows it as active or interrupted."""
+        """The session if it is live on this node (active or interrupted), else None."""
         return self._live.sessions.get(session_id)
 
     def get_interrupted_sessions(self, client_id: str) -> list[SessionInfo]:
-        """Sessions owned by ``client_id`` that a server restart interrupted (O(its links))."""
+        """Sessions owned by ``client_id`` that were active when a server run stopped (O(its
+        links)). Each stays until its owner re-opens it (:meth:`open_session`) or ends it."""
         found = []
         for session_id in self._live.sessions_of(client_id):
             session = self._live.sessions.get(session_id)
@@ -774,13 +799,18 @@ class Registry:
         executor_id: str,
         task_name: str | None = None,
     ) -> SessionInfo:
-        """Start (or restart) a session owned by ``owner_id`` and run by ``executor_id``; return
-        once it is durable.
+        """Start a session owned by ``owner_id`` and run by ``executor_id``; return once it is
+        durable.
 
         When owner and executor differ the owner is mapped as the constellation and the
         executor as the device; otherwise the owner is mapped as the device running its own
         task. A session id belongs to the client that first created it, also across restarts:
         another client gets :class:`SessionOwnershipError` and nothing changes.
+
+        The owner may open a live session again: an ``active`` one, or an ``interrupted`` one
+        (resumed after a server restart); it keeps its ``created_at``. A session that has
+        ended (``completed``, ``failed``, ``cancelled``) keeps its record: opening it again
+        raises :class:`SessionFinishedError` and nothing changes, also after a restart.
         """
         session_id = require_id("session_id", session_id)
         owner_id = require_id("owner_id", owner_id)
@@ -789,11 +819,15 @@ class Registry:
             task_name = require_id("task_name", task_name)
         self.journal.admit("session")
         if session_id not in self._live.sessions:
-            # The session's earlier rows may still be queued: read the owner once they are in.
+            # The session's earlier rows may still be queued: read them once they are in.
             await self.journal.flush()
-            stored_owner = await self.history.session_owner(session_id)
-            if stored_owner is not None and stored_owner != owner_id:
-                raise SessionOwnershipError(session_id, stored_owner)
+            stored = await self.history.session_status(session_id)
+            if stored is not None:
+                stored_owner, stored_state = stored
+                if stored_owner is not None and stored_owner != owner_id:
+                    raise SessionOwnershipError(session_id, stored_owner)
+                if stored_state.is_final:
+                    raise SessionFinishedError(session_id, stored_state.value)
         existing = self._live.sessions.get(session_id)  # again: the await may have let one in
         if existing is not None and existing.owner_id != owner_id:
             raise SessionOwnershipError(session_id, existing.owner_id)

@@ -6,12 +6,13 @@ Nothing reads the environment at import time; :class:`Settings` does when it is 
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from registry.journal import DEFAULT_LIMIT
-from registry.store.dialect import DEFAULT_URL
+from registry.store.dialect import DEFAULT_URL, is_sqlite, parse_url
 from registry.types import DuplicatePolicy
 
 LOOPBACK_HOST_NAMES = ["localhost", "127.0.0.1", "::1", "[::1]"]
@@ -30,6 +31,12 @@ class Settings(BaseSettings):
         default=None,
         description="Key for /api (X-API-Key) and /ws (?token=); None disables the check.",
     )
+    api_key_file: Path | None = Field(
+        default=None,
+        description="Where `registry serve` keeps its key when api_key is not given: read if "
+        "the file exists, else generated and written there, readable by its owner only. "
+        "Default: beside a SQLite database file (registry.db.key); none for PostgreSQL.",
+    )
     runner: str = Field(
         default="registry.server.sessions:RelayRunner",
         description="Import string of the session runner class, package.module:Class.",
@@ -40,6 +47,12 @@ class Settings(BaseSettings):
         "when bound to loopback, otherwise any.",
     )
     on_duplicate: DuplicatePolicy = DuplicatePolicy.REFUSE
+    twin_ping_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds the connection holding a client id has to answer a WebSocket "
+        "ping when its id is claimed again; one that does not is replaced (4411).",
+    )
     node_name: str | None = None
     auto_migrate: bool | None = None
     max_frame_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
@@ -87,6 +100,19 @@ class Settings(BaseSettings):
     )
     heartbeat_interval: float = Field(default=5.0, gt=0)
     node_timeout: float = Field(default=30.0, gt=0)
+
+    def key_file(self) -> Path | None:
+        """The file that keeps the key when ``api_key`` is not given: ``api_key_file``, else
+        the SQLite database file's path plus ``.key``. None for PostgreSQL (nodes sharing a
+        database must share one key, which a file of each node's own would not be) and for
+        SQLite in memory."""
+        if self.api_key_file is not None:
+            return self.api_key_file
+        url = parse_url(self.database_url)
+        if not is_sqlite(url) or url.database in (None, "", ":memory:"):
+            return None
+        database = Path(url.database).absolute()
+        return database.with_name(database.name + ".key")
 
     def trusted_hosts(self) -> list[str]:
         """The Host-header allow-list in force."""

@@ -19,14 +19,25 @@ class ClientType(enum.StrEnum):
 
 
 class SessionState(enum.StrEnum):
-    """Lifecycle state of a session. Only ``active`` is not final; ``interrupted`` marks a session
-    that was active when its server run ended without closing it."""
+    """Lifecycle state of a session.
+
+    ``active`` and ``interrupted`` are live: ``interrupted`` is set by the registry alone, on a
+    session that was active when its server run stopped (shut down or lost); it keeps its links
+    so that its owner learns of it, and it stays until the owner re-opens (resumes) it or ends
+    it. ``completed``, ``failed`` and ``cancelled`` are final: what a caller ends a session
+    with, and the session's record from then on (its id cannot be opened again).
+    """
 
     ACTIVE = "active"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
+
+    @property
+    def is_final(self) -> bool:
+        """True for the states a session ends in (completed, failed, cancelled)."""
+        return self not in (SessionState.ACTIVE, SessionState.INTERRUPTED)
 
 
 class LinkRole(enum.StrEnum):
@@ -193,7 +204,10 @@ class HourlyStatistics:
 @dataclass(frozen=True, slots=True)
 class ClientSummary:
     """What is known of one client id: its last registration, first/last seen, how many
-    connections it made, and whether one is open now (on any node, or on this one)."""
+    connections it made, and whether one is open now (on any node, or on this one).
+
+    ``last_seen`` is the time of the answer while the client is online, else when its last
+    connection closed."""
 
     client_id: str
     client_type: str
@@ -217,6 +231,7 @@ class ClientSummary:
             platform=info.platform,
             metadata=info.metadata,
             online=True,
+            last_seen=datetime.now(UTC),
             connected_at=datetime.fromtimestamp(info.connect_time, UTC),
             on_this_node=True,
         )

@@ -9,6 +9,7 @@ the commit of a whole batch later.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from registry.errors import InvalidArgumentError
@@ -17,6 +18,8 @@ from registry.types import ClientType
 MAX_ID_LENGTH = 255
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
+#: What an id must not contain: ``/`` (a path separator) and control characters (C0, DEL, C1).
+_UNADDRESSABLE = re.compile(r"[/\x00-\x1f\x7f-\x9f]")
 
 
 def canonical_json(value: Any, argument: str) -> str:
@@ -77,9 +80,25 @@ def free_text(argument: str, value: object) -> str | None:
 
 
 def require_id(argument: str, value: object) -> str:
+    """An id (of a client, session, node or task): a non-blank string of at most
+    :data:`MAX_ID_LENGTH` characters that one URL path segment can address once
+    percent-encoded (``/api/clients/{id}``), so no ``/``, no control character and not ``.``
+    or ``..`` (which clients and proxies resolve as path steps). Anything else goes: spaces,
+    any Unicode, ``?``, ``#``, ``%``."""
     if isinstance(value, str) and (not value or value.isspace()):
         raise InvalidArgumentError(argument, "must not be empty")
-    return require_text(argument, value, max_length=MAX_ID_LENGTH)
+    value = require_text(argument, value, max_length=MAX_ID_LENGTH)
+    if value in (".", ".."):
+        raise InvalidArgumentError(argument, "must not be '.' or '..' (not addressable in a URL)")
+    unaddressable = _UNADDRESSABLE.search(value)
+    if unaddressable is not None:
+        found = unaddressable.group()
+        if found == "/":
+            raise InvalidArgumentError(argument, "must not contain '/' (not addressable in a URL)")
+        raise InvalidArgumentError(
+            argument, f"must not contain control characters (found {found!r})"
+        )
+    return value
 
 
 def document_problem(value: Any) -> str | None:

@@ -25,9 +25,9 @@ HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
-#: Exit codes of a server that shut down gracefully on SIGTERM: uvicorn re-raises the signal
-#: once it has shut down (-SIGTERM), and ``registry serve`` is to exit 0 instead; both count.
-CLEAN_EXITS = frozenset({0, -signal.SIGTERM})
+#: Exit codes of a server that shut down gracefully on SIGINT or SIGTERM: ``registry serve``
+#: exits 0 (it does not let uvicorn re-raise the signal).
+CLEAN_EXITS = frozenset({0})
 
 
 def free_port() -> int:
@@ -54,11 +54,14 @@ def serve_command(
     api_key: str | None,
     log_level: str = "warning",
     entry: Sequence[str] = ("-m", "registry"),
+    auth: Sequence[str] | None = None,
+    options: Sequence[str] = (),
 ) -> list[str]:
     """``registry serve`` on HOST:``port`` and ``database_url``; ``api_key`` None serves with
-    ``--no-auth``. ``entry`` replaces ``-m registry``, e.g. by a ``-c`` bootstrap that ends in
-    the CLI."""
-    auth = ["--no-auth"] if api_key is None else ["--api-key", api_key]
+    ``--no-auth``, ``auth`` replaces those authentication options, ``options`` are appended.
+    ``entry`` replaces ``-m registry``, e.g. by a ``-c`` bootstrap that ends in the CLI."""
+    if auth is None:
+        auth = ["--no-auth"] if api_key is None else ["--api-key", api_key]
     return [
         sys.executable,
         *entry,
@@ -72,6 +75,7 @@ def serve_command(
         database_url,
         "--log-level",
         log_level,
+        *options,
     ]
 
 

@@ -13,7 +13,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -430,10 +430,40 @@ async def clients(server: Server) -> AsyncIterator[Clients]:
 
 class Serve(ServerProcess):
     """One ``python -m registry serve`` process on HOST:``port`` (see
-    :mod:`tests.server_process`), its output appended to ``log``; ``api_key`` None serves with
-    ``--no-auth``. Always reap it with :meth:`~tests.server_process.ServerProcess.stop`."""
+    :mod:`tests.server_process`), its output appended to ``log``. ``api_key`` is the key it is
+    started with (None: ``--no-auth``); ``auth`` replaces those authentication options (then
+    set ``api_key`` to the key the server will use); ``options`` are added to the command
+    line. Always reap it with :meth:`~tests.server_process.ServerProcess.stop`."""
 
     def __init__(
-        self, database_url: str, port: int, log: Path, *, api_key: str | None = API_KEY
+        self,
+        database_url: str,
+        port: int,
+        log: Path,
+        *,
+        api_key: str | None = API_KEY,
+        log_level: str = "warning",
+        auth: Sequence[str] | None = None,
+        options: Sequence[str] = (),
     ) -> None:
-        super().__init__(serve_command(database_url, port, api_key=api_key), port, log)
+        self.api_key = api_key
+        command = serve_command(
+            database_url, port, api_key=api_key, log_level=log_level, auth=auth, options=options
+        )
+        super().__init__(command, port, log)
+
+    def output(self) -> str:
+        """What the process printed so far (and whatever else ``log`` held before)."""
+        return self.log_path.read_text(errors="replace")
+
+    async def printed(self, text: str) -> str:
+        """Wait until the output holds ``text`` (30 s at most, failing if the process exits
+        first); the output."""
+        deadline = time.monotonic() + 30
+        while text not in (output := self.output()):
+            if self.process.poll() is not None:
+                raise AssertionError(f"registry serve exited with {self.process.returncode}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"registry serve did not print {text!r}: {output}")
+            await asyncio.sleep(0.05)
+        return output

@@ -1,26 +1,29 @@
 """The HTTP API that existing tools expect (docs/protocol.md), under ``/api``.
 
-Every route answers from memory: none of them waits on the database or on a client.
+Every route answers from memory, none waits on a client, and only ``/api/dispatch`` waits on
+the database: it records the dispatched session before it answers (at most ``store_timeout``).
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from pydantic import AfterValidator, BaseModel
 
+from registry.errors import InvalidArgumentError, StoreUnavailableError
 from registry.registry import Registry
-from registry.server.peer import Peer
-from registry.server.protocol import ServerMessage, ServerMessageType, TaskStatus
 from registry.server.sessions import SessionManager
-from registry.server.ws import sanitise_task_name, token_matches
+from registry.server.ws import STORE_BEHIND, sanitise_task_name, token_matches
 from registry.types import ClientType
 from registry.validation import storable_text
+
+logger = logging.getLogger(__name__)
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
@@ -58,6 +61,9 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 STORE_DOWN: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorDetail, "description": "The store did not answer"}
+}
+TOO_MANY: dict[int | str, dict[str, Any]] = {
+    429: {"model": ErrorDetail, "description": "The device runs its limit of sessions"}
 }
 
 
@@ -174,9 +180,15 @@ def create_router() -> APIRouter:
             )
         return {"status": "healthy", "online_clients": _online(registry)}
 
-    @router.post("/dispatch", responses=BAD_REQUEST | NOT_FOUND)
-    async def dispatch(body: DispatchRequest, registry: RegistryDep) -> dict[str, str]:
-        """Send a ``task`` frame carrying ``request`` to a connected client."""
+    @router.post("/dispatch", responses=BAD_REQUEST | NOT_FOUND | TOO_MANY | STORE_DOWN)
+    async def dispatch(
+        body: DispatchRequest, request: Request, registry: RegistryDep, sessions: SessionsDep
+    ) -> dict[str, str]:
+        """Dispatch ``request`` to a connected device: record a session owned and run by the
+        device (answered once it is durable), and send the device a ``task`` frame. The
+        session runs once the device takes it up with a ``task`` request of its own (UFO's
+        device client does) and fails if it does not within ``command_timeout``;
+        ``/api/task_result/{task_name}`` reports its end."""
         if not body.request:
             raise HTTPException(status_code=400, detail="Empty task content")
         if not body.client_id:
@@ -188,21 +200,21 @@ def create_router() -> APIRouter:
                 "not starting with '.'",
             )
         task_name = body.task_name or str(uuid.uuid4())
-        peer = cast(Peer | None, registry.get_client(body.client_id))
-        if peer is None:
+        if not registry.is_online(body.client_id):
             raise HTTPException(status_code=404, detail="Client not online")
-        session_id = str(uuid.uuid4())
-        sent = await peer.send(
-            ServerMessage(
-                type=ServerMessageType.TASK,
-                status=TaskStatus.CONTINUE,
-                user_request=body.request,
-                task_name=task_name,
-                session_id=session_id,
-                response_id=str(uuid.uuid4()),
-            )
-        )
-        if not sent:
+        if not registry.is_device_connected(body.client_id):
+            raise HTTPException(status_code=400, detail="Tasks are dispatched to devices only")
+        limit: int = request.app.state.settings.max_sessions_per_client
+        if sessions.active_count(body.client_id) >= limit:
+            raise HTTPException(status_code=429, detail=f"Too many active sessions (limit {limit})")
+        try:
+            session_id = await sessions.dispatch(body.client_id, task_name, body.request)
+        except InvalidArgumentError as exc:
+            raise HTTPException(status_code=400, detail=f"Invalid task: {exc}") from None
+        except (TimeoutError, StoreUnavailableError) as exc:
+            logger.warning("dispatch of %s to %s refused: %r", task_name, body.client_id, exc)
+            raise HTTPException(status_code=503, detail=STORE_BEHIND) from None
+        if session_id is None:
             raise HTTPException(status_code=404, detail="Client not online")
         return {
             "status": "dispatched",

@@ -16,7 +16,7 @@ from uvicorn.importer import ImportFromStringError, import_from_string
 
 from registry.errors import InvalidArgumentError, StoreUnavailableError
 from registry.registry import Registry
-from registry.server import ui
+from registry.server import redaction, ui
 from registry.server.api import API_ERRORS, create_router, require_api_key
 from registry.server.docs import create_docs_router
 from registry.server.events import EventFeed, create_events_router
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     runner = load_runner(settings.runner)
     logging.getLogger("uvicorn.error").addFilter(_CLIENT_FAULTS)  # a no-op when already added
+    redaction.install()  # no credential in uvicorn's log lines
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

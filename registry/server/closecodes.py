@@ -6,6 +6,8 @@ the server (or uvicorn beneath it) sends.
 
 from __future__ import annotations
 
+from registry.registry import CODE_REPLACED
+
 NORMAL = 1000
 GOING_AWAY = 1001  # the server is shutting down
 INVALID_PAYLOAD = 1007  # a text frame that is not valid UTF-8 (sent by uvicorn)
@@ -19,6 +21,9 @@ TARGET_NOT_CONNECTED = 4404  # a constellation's target device is not connected
 IDLE_TIMEOUT = 4408  # no frame within idle_timeout (or handshake_timeout)
 DUPLICATE_CLIENT = 4409  # the client id is already live
 SLOW_CONSUMER = 4410  # a send waited longer than send_timeout on a peer that does not read
+#: 4411: displaced by a newer registration of its client id (``on_duplicate=replace``, or a
+#: holder that did not answer its ping); the registry records the replaced row with it.
+REPLACED = CODE_REPLACED
 RATE_LIMITED = 4429  # frames arrived faster than max_frames_per_second, beyond frame_burst
 STORE_UNAVAILABLE = 4503  # the registration could not be made durable
 

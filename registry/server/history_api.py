@@ -80,7 +80,9 @@ def create_history_router() -> APIRouter:
 
     @router.get("/clients/{client_id}", responses=NOT_FOUND)
     async def client(client_id: Text, request: Request, history: HistoryDep) -> ClientSummary:
-        """Live info if the client is on this node, else what the store last knew."""
+        """Live info if the client is on this node, else what the store last knew;
+        ``last_seen`` is now while the client is online, else when its last connection
+        closed."""
         summary = await history.client(client_id)
         if summary is None:
             raise _not_found(f"Client '{client_id}'")

@@ -1,21 +1,73 @@
-"""One connected WebSocket as the server sees it: serialised, time-bounded sends.
+"""One connected WebSocket as the server sees it: serialised, time-bounded sends, and a ping.
 
 The registry stores the :class:`Peer` as the client's ``websocket``, so ``get_client`` returns
 an object with the usual ``send_text``/``close`` that is safe to use from several tasks.
+
+ASGI has no message for a WebSocket ping, so the server runs uvicorn with
+:class:`PingingWebSocketProtocol` (:mod:`registry.server.listen`), which offers one to the
+application in the connection's scope; :meth:`Peer.alive` uses it. Nothing else in the server
+knows about it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
+from websockets.http11 import Request
 
 from registry.server import closecodes
 from registry.server.protocol import ServerMessage
 
 logger = logging.getLogger(__name__)
+
+#: The scope extension under which :class:`PingingWebSocketProtocol` offers its ping.
+PING_EXTENSION = "registry.websocket.ping"
+
+
+class PingingWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol (the ``websockets`` sans-I/O one, uvicorn's default), plus
+    a ping the application can await: ``scope["extensions"][PING_EXTENSION]["ping"]``, a
+    coroutine function that sends a ping and returns True once its pong comes back, or False
+    at once if the connection is closing or closed.
+
+    uvicorn's own keepalive pings carry 4-byte payloads and ignore other pongs; these carry 8
+    bytes, so neither takes the other's pong."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pongs: dict[bytes, asyncio.Future[None]] = {}
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        if self.response.status_code == 101:  # upgraded: the app's task has not run yet
+            self.scope["extensions"][PING_EXTENSION] = {"ping": self.ping}
+
+    async def ping(self) -> bool:
+        if self.close_sent or self.disconnected or self.transport.is_closing():
+            return False
+        payload = os.urandom(8)
+        pong = self.loop.create_future()
+        self._pongs[payload] = pong
+        try:
+            self.conn.send_ping(payload)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            await pong
+        finally:
+            del self._pongs[payload]
+        return True
+
+    def handle_pong(self, event: Frame) -> None:
+        pong = self._pongs.get(bytes(event.data))
+        if pong is not None and not pong.done():
+            pong.set_result(None)
+        super().handle_pong(event)
 
 
 class Peer:
@@ -48,6 +100,23 @@ class Peer:
         #: Frames the peer may still send back to back (flood control's token bucket; the
         #: receive loop fills it up to ``frame_burst`` and spends one token per frame).
         self.frame_allowance = 0.0
+
+    async def alive(self, within: float) -> bool:
+        """Whether the peer answers a WebSocket ping within ``within`` seconds: a client
+        frozen, or cut off without a FIN, does not (its TCP connection looks open for as long
+        as nothing is sent). True when the server cannot ping (not served with
+        :class:`PingingWebSocketProtocol`): a peer that cannot be checked is not given up."""
+        extension = self.websocket.scope.get("extensions", {}).get(PING_EXTENSION)
+        if extension is None:
+            return True
+        if self.abandoned:
+            return False
+        ping: Callable[[], Awaitable[bool]] = extension["ping"]
+        try:
+            async with asyncio.timeout(within):
+                return await ping()
+        except TimeoutError:
+            return False
 
     def finished(self) -> None:
         """The handler is done serving (it is cleaning up): it must not be cancelled now."""
@@ -110,17 +179,17 @@ class Peer:
         if handler is not None and handler is not asyncio.current_task():
             handler.cancel()  # the handler itself finds ``abandoned`` before it next reads
 
-    async def close(self, code: int, reason: str) -> None:
+    async def close(self, code: int, reason: str, *, within: float | None = None) -> None:
         """Close the connection (once) and remember why, for the disconnect record. A close
-        frame the peer does not take within ``send_timeout`` gives the peer up (as a send
-        does), keeping this reason."""
+        frame the peer does not take ``within`` seconds (default ``send_timeout``) gives the
+        peer up (as a send does), keeping this reason."""
         if self.closed_by_server is None:
             self.closed_by_server = (code, reason)
         if self.abandoned:
             return  # a close frame would wait behind what the peer does not read
         if self.websocket.application_state is WebSocketState.CONNECTED:
             try:
-                async with asyncio.timeout(self._send_timeout):
+                async with asyncio.timeout(within or self._send_timeout):
                     await self.websocket.close(code=code, reason=reason)
             except TimeoutError:
                 self._abandon()  # the close frame is stuck behind unread data

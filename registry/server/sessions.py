@@ -7,6 +7,10 @@ A *runner* is the application's agent loop. For each accepted task the server ca
 reconnects after a server restart, each session it owned that the restart interrupted is handed
 to ``await runner.resume(context)``. :class:`RelayRunner`, the default, relays the request to the
 device as one command round trip and ends interrupted sessions as failed.
+
+A task dispatched over the HTTP API (:meth:`SessionManager.dispatch`) is a session owned and run
+by the device it is sent to: recorded at once, it starts once the device takes it up with a
+``task`` request of its own, as UFO's device client does.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from registry.types import SessionState
 logger = logging.getLogger(__name__)
 
 DEVICE_DISCONNECTED = "Task was cancelled because target device disconnected"
+NOT_TAKEN_UP = "device '{device}' did not take up the dispatched task within {seconds:g}s"
 REQUESTER_DISCONNECTED = "Task was cancelled because the requester disconnected"
 SERVER_RESTARTED = "server restarted"
 TASK_RESULTS_KEPT = 10_000
@@ -72,12 +77,34 @@ class SessionContext:
         return self.owner_id != self.executor_id
 
     async def send_command(
-        self, actions: list[Command], *, result_timeout: float | None = None
+        self,
+        actions: list[Command],
+        *,
+        result_timeout: float | None = None,
+        agent_name: str | None = None,
+        process_name: str | None = None,
+        root_name: str | None = None,
+        user_request: str | None = None,
     ) -> list[Result]:
         """Send ``actions`` to the executor as one ``command`` frame and return its
         ``command_results``. Raises :class:`SessionError` if the executor is gone or does not
-        answer within ``result_timeout`` (default: the server's ``command_timeout``)."""
-        return await self._manager.command(self, actions, result_timeout)
+        answer within ``result_timeout`` (default: the server's ``command_timeout``).
+
+        ``agent_name``, ``process_name`` and ``root_name`` go in the frame as they are: UFO's
+        device client picks the tool set it runs ``actions`` with by them (and answers nothing
+        for an action that set does not have). ``user_request`` is the frame's request text."""
+        message = ServerMessage(
+            type=ServerMessageType.COMMAND,
+            status=TaskStatus.CONTINUE,
+            user_request=user_request,
+            agent_name=agent_name,
+            process_name=process_name,
+            root_name=root_name,
+            actions=actions,
+            session_id=self.session_id,
+            task_name=self.task_name,
+        )
+        return await self._manager.command(self, message, result_timeout)
 
 
 class SessionRunner(Protocol):
@@ -93,20 +120,15 @@ class SessionRunner(Protocol):
 
 
 class RelayRunner:
-    """Relays the request to the executing device as one ``action`` command and ends the
-    session with what the device answered. Interrupted sessions end ``failed``."""
+    """Relays the request to the executing device as one ``command`` that calls no tool (the
+    request in its ``user_request``) and ends the session with what the device answered:
+    ``failed`` if a result failed, else ``completed`` with the results. Every AIP device answers
+    it, whatever tools it has: UFO's device client answers a command without actions at once,
+    with no results (it runs no agent loop of its own; a UFO deployment serves with a runner that
+    drives its tools). Interrupted sessions end ``failed``."""
 
     async def run(self, context: SessionContext) -> SessionOutcome:
-        results = await context.send_command(
-            [
-                Command(
-                    tool_name="execute_task",
-                    parameters={"request": context.request, "task_name": context.task_name},
-                    tool_type="action",
-                    call_id=str(uuid.uuid4()),
-                )
-            ]
-        )
+        results = await context.send_command([], user_request=context.request)
         payload = [result.model_dump() for result in results]
         failures = [result for result in results if result.status is ResultStatus.FAILURE]
         if failures:
@@ -157,6 +179,8 @@ class SessionManager:
         self._contexts: dict[str, SessionContext] = {}
         self._pending: dict[str, _Pending] = {}
         self._owned: dict[str, set[str]] = {}
+        #: Dispatched sessions waiting for their device to take them up (oldest first).
+        self._untaken: dict[str, asyncio.Future[None]] = {}
         #: task name -> final result, for /api/task_result (bounded, oldest dropped).
         self.results: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
@@ -173,12 +197,90 @@ class SessionManager:
         """Run ``context`` with the runner in a task of its own."""
         self._launch(context, resume=False)
 
-    def _launch(self, context: SessionContext, *, resume: bool) -> None:
+    def _launch(
+        self,
+        context: SessionContext,
+        *,
+        resume: bool,
+        taken_up: asyncio.Future[None] | None = None,
+    ) -> None:
         self._contexts[context.session_id] = context
         self._owned.setdefault(context.owner_id, set()).add(context.session_id)
         self._tasks[context.session_id] = asyncio.get_running_loop().create_task(
-            self._run(context, resume=resume), name=f"session-{context.session_id}"
+            self._run(context, resume=resume, taken_up=taken_up),
+            name=f"session-{context.session_id}",
         )
+
+    async def dispatch(self, device_id: str, task_name: str, request: str) -> str | None:
+        """Record a session of ``task_name`` owned and run by ``device_id`` (a task dispatched
+        to it over the HTTP API), send the device its ``task`` frame and return the session
+        id; the session runs once the device takes it up (:meth:`dispatched_to`), or fails if
+        it does not within ``command_timeout``. None if the device is gone before the frame is
+        sent (the session then ends ``failed``).
+
+        Raises what :meth:`Registry.open_session` raises, and TimeoutError when the session is
+        not durable within ``store_timeout`` (then it is not dispatched)."""
+        session_id = str(uuid.uuid4())
+        async with asyncio.timeout(self._store_timeout):
+            await self._registry.open_session(
+                session_id, owner_id=device_id, executor_id=device_id, task_name=task_name
+            )
+        context = self.context(session_id, task_name, request, device_id, device_id)
+        taken_up: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Waiting before the frame goes out: the device may answer it at once.
+        self._untaken[session_id] = taken_up
+        self._launch(context, resume=False, taken_up=taken_up)
+        peer = self._peer(device_id)
+        sent = peer is not None and await peer.send(
+            ServerMessage(
+                type=ServerMessageType.TASK,
+                status=TaskStatus.CONTINUE,
+                user_request=request,
+                task_name=task_name,
+                session_id=session_id,
+                response_id=str(uuid.uuid4()),
+            )
+        )
+        if not sent:
+            await self.executor_left(device_id, [session_id])
+            return None
+        return session_id
+
+    def dispatched_to(self, device_id: str, session_id: str | None, task_name: str) -> str | None:
+        """The dispatched session a ``task`` request of ``device_id`` takes up, if any: the
+        one of ``session_id``, or, for a request that names no session (UFO's device client
+        names none), the oldest not yet taken up of ``task_name``."""
+        for candidate, taken_up in self._untaken.items():
+            context = self._contexts.get(candidate)
+            if (
+                context is not None
+                and not taken_up.done()
+                and context.executor_id == device_id
+                and (
+                    candidate == session_id
+                    if session_id is not None
+                    else context.task_name == task_name
+                )
+            ):
+                return candidate
+        return None
+
+    def take_up(self, session_id: str) -> None:
+        """Start the runner on a dispatched session its device has taken up (once acked)."""
+        taken_up = self._untaken.get(session_id)
+        if taken_up is not None and not taken_up.done():
+            taken_up.set_result(None)
+
+    async def _taken_up(self, context: SessionContext, taken_up: asyncio.Future[None]) -> None:
+        try:
+            async with asyncio.timeout(self._command_timeout):
+                await taken_up
+        except TimeoutError:
+            raise SessionError(
+                NOT_TAKEN_UP.format(device=context.executor_id, seconds=self._command_timeout)
+            ) from None
+        finally:
+            self._untaken.pop(context.session_id, None)
 
     def context(
         self,
@@ -190,8 +292,16 @@ class SessionManager:
     ) -> SessionContext:
         return SessionContext(session_id, task_name, request, owner_id, executor_id, self)
 
-    async def _run(self, context: SessionContext, *, resume: bool) -> None:
+    async def _run(
+        self,
+        context: SessionContext,
+        *,
+        resume: bool,
+        taken_up: asyncio.Future[None] | None,
+    ) -> None:
         try:
+            if taken_up is not None:
+                await self._taken_up(context, taken_up)
             if resume:
                 outcome = await self._runner.resume(context)
             else:
@@ -271,8 +381,10 @@ class SessionManager:
                     await peer.send(message)
 
     async def command(
-        self, context: SessionContext, actions: list[Command], result_timeout: float | None
+        self, context: SessionContext, message: ServerMessage, result_timeout: float | None
     ) -> list[Result]:
+        """Send ``message`` (a ``command`` of ``context``) to the executor under a fresh
+        ``response_id`` and wait for the ``command_results`` that answer it."""
         peer = self._peer(context.executor_id)
         if peer is None:
             raise SessionError(f"executor '{context.executor_id}' is not connected")
@@ -280,16 +392,7 @@ class SessionManager:
         future: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
         self._pending[response_id] = _Pending(context.session_id, context.executor_id, future)
         try:
-            sent = await peer.send(
-                ServerMessage(
-                    type=ServerMessageType.COMMAND,
-                    status=TaskStatus.CONTINUE,
-                    actions=actions,
-                    session_id=context.session_id,
-                    task_name=context.task_name,
-                    response_id=response_id,
-                )
-            )
+            sent = await peer.send(message.model_copy(update={"response_id": response_id}))
             if not sent:
                 raise SessionError(f"executor '{context.executor_id}' is not connected")
             try:

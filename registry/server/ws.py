@@ -4,6 +4,12 @@ Frames of one connection are handled in order, in its own receive loop; sessions
 of the :class:`~registry.server.sessions.SessionManager`, at most ``max_sessions_per_client``
 per requester. Whatever way the loop ends, ``finally`` records the disconnect with its close
 code and reason and frees the client id.
+
+A client id claimed while a connection holds it: with ``on_duplicate=refuse`` the holder is
+pinged at once and keeps its id if it answers within ``twin_ping_timeout`` (the newcomer gets
+4409); otherwise, and always with ``on_duplicate=replace``, the holder is *replaced*: closed
+with 4411 ``replaced``, its sessions ended as at a disconnect, and nothing it sends or does
+afterwards touches the new connection.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ from registry.errors import (
     InvalidArgumentError,
     JournalFullError,
     RegistryClosedError,
+    SessionFinishedError,
     SessionOwnershipError,
     StoreUnavailableError,
 )
-from registry.registry import Registry
+from registry.registry import REASON_REPLACED, Registry
 from registry.server import closecodes
 from registry.server.durability import settle
 from registry.server.peer import Peer
@@ -45,7 +52,7 @@ from registry.server.protocol import (
 )
 from registry.server.sessions import SessionManager
 from registry.settings import Settings
-from registry.types import ClientType
+from registry.types import ClientType, DuplicatePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +71,19 @@ def sanitise_task_name(name: str | None) -> str:
         return str(uuid.uuid4())
     cleaned = _UNSAFE_NAME_CHARACTERS.sub("_", name).lstrip(".")
     return cleaned or str(uuid.uuid4())
+
+
+def presented_key(websocket: WebSocket) -> str | None:
+    """The key a client presents at the handshake: its ``X-API-Key`` header, else its
+    ``Authorization: Bearer`` header, else the ``token`` query parameter (UFO's clients)."""
+    headers = websocket.headers
+    key = headers.get("x-api-key")
+    if key is not None:
+        return key
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return credentials.strip()
+    return websocket.query_params.get("token")
 
 
 def token_matches(given: str | None, expected: str | None) -> bool:
@@ -95,6 +115,8 @@ class _Connection:
     client_id: str
     client_type: ClientType
     target_id: str | None
+    #: The sessions it executes and owns, taken when it was replaced: all that its end ends.
+    left_behind: tuple[list[str], list[str]] | None = None
 
 
 def _parse(text: str) -> ClientMessage | str:
@@ -131,7 +153,8 @@ class Endpoint:
         self._settings = settings
         self._registry = registry
         self._sessions = sessions
-        self._peers: set[Peer] = set()
+        #: Every open peer, with its connection once registered.
+        self._peers: dict[Peer, _Connection | None] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._frame_rate = settings.max_frames_per_second
         self._frame_burst = float(settings.frame_burst)
@@ -162,13 +185,13 @@ class Endpoint:
                 )
 
     async def __call__(self, websocket: WebSocket) -> None:
-        if not token_matches(websocket.query_params.get("token"), self._settings.api_key):
+        if not token_matches(presented_key(websocket), self._settings.api_key):
             await websocket.close(code=closecodes.POLICY_VIOLATION)  # before accept: HTTP 403
             return
         await websocket.accept()
         peer = Peer(websocket, self._settings.send_timeout)
         peer.frame_allowance = float(self._settings.frame_burst)
-        self._peers.add(peer)
+        self._peers[peer] = None
         connection: _Connection | None = None
         code: int | None = None
         reason = "closed"
@@ -176,6 +199,7 @@ class Endpoint:
         try:
             try:
                 connection = await self._handshake(peer)
+                self._peers[peer] = connection
                 await self._welcome(connection)
                 await self._serve(connection)
             finally:
@@ -198,7 +222,7 @@ class Endpoint:
             if not peer.abandoned or task is None or task.uncancel() > 0:
                 raise
         finally:
-            self._peers.discard(peer)
+            self._peers.pop(peer, None)
             peer.open_gate()  # senders waiting for the handshake find the socket closed
             if peer.closed_by_server is not None:
                 code, reason = peer.closed_by_server
@@ -213,14 +237,14 @@ class Endpoint:
         ``interrupted``, and their owners hear of them when they reconnect after the restart
         (as after a crash), instead of never."""
         client_id = connection.client_id
-        # The sessions this connection leaves behind, taken before anything awaits: a client
-        # reconnecting meanwhile starts sessions that are not this connection's to end.
-        executing = (
-            self._sessions.executing(client_id)
-            if connection.client_type is ClientType.DEVICE and not keep_sessions
-            else []
-        )
-        owned = [] if keep_sessions else self._sessions.owned(client_id)
+        # The sessions this connection leaves behind, taken before anything awaits (or when it
+        # was replaced): a client reconnecting meanwhile starts sessions that are not this
+        # connection's to end.
+        if keep_sessions:
+            executing: list[str] = []
+            owned: list[str] = []
+        else:
+            executing, owned = connection.left_behind or self._left_behind(connection)
         # Free the id at once (docs/protocol.md: a quick reconnect is not refused); the disconnect
         # is made durable below, after the sessions have been ended.
         if self._registry.get_client(client_id) is connection.peer:
@@ -236,6 +260,29 @@ class Endpoint:
                     f"the disconnect of {client_id}",
                 )
             logger.info("client %s disconnected (%s, %s)", client_id, code, reason)
+
+    def _left_behind(self, connection: _Connection) -> tuple[list[str], list[str]]:
+        """The running sessions a connection would leave behind if it ended now: those it
+        executes (a device) and those it owns."""
+        client_id = connection.client_id
+        executing = (
+            self._sessions.executing(client_id)
+            if connection.client_type is ClientType.DEVICE
+            else []
+        )
+        return executing, self._sessions.owned(client_id)
+
+    async def _displace(self, peer: Peer) -> None:
+        """Close a connection that a newer registration of its client id replaced (4411). Its
+        sessions are taken now, before anything awaits, so that its end (whenever its handler
+        sees it) ends those and nothing the new connection starts."""
+        connection = self._peers.get(peer)
+        if connection is not None:
+            connection.left_behind = self._left_behind(connection)
+        # Not answering pings, it may not take a close frame either: do not wait long for it.
+        await peer.close(
+            closecodes.REPLACED, REASON_REPLACED, within=self._settings.twin_ping_timeout
+        )
 
     async def _receive(self, peer: Peer) -> str | None:
         """The next text frame (None for a binary one); raises on disconnect. Idle peers are
@@ -266,6 +313,9 @@ class Endpoint:
             reason: str | None = message.get("reason")
             # The reason is the client's text: keep it storable (PostgreSQL refuses NUL).
             raise WebSocketDisconnect(code, reason.replace("\x00", "\ufffd") if reason else None)
+        if peer.closed_by_server is not None:
+            # Closed by the server meanwhile (replaced, idle): what the peer still sent is moot.
+            raise _Closed(*peer.closed_by_server)
         if peer.frame_allowance < 0.0:
             raise _Closed(closecodes.RATE_LIMITED, "rate_limited")
         text: str | None = message.get("text")
@@ -301,7 +351,9 @@ class Endpoint:
             await peer.send_first(error(f"Target device '{target}' is not connected"))
             raise _Closed(closecodes.TARGET_NOT_CONNECTED, "target_not_connected")
         client = peer.websocket.client
+        replacing = await self._unresponsive_holder(client_id)
         try:
+            holder = self._registry.get_client(client_id)  # replaced if add_client succeeds
             self._registry.add_client(
                 client_id,
                 platform if isinstance(platform, str) else str(platform),
@@ -309,10 +361,18 @@ class Endpoint:
                 client_type,
                 metadata,
                 remote_address=f"{client.host}:{client.port}" if client else None,
+                replacing=replacing,
             )
             system_info = metadata.get("system_info")
             if client_type is ClientType.DEVICE and isinstance(system_info, dict):
                 self._registry.set_device_info(client_id, system_info)
+            if isinstance(holder, Peer):
+                logger.warning(
+                    "client %s registered again: its earlier connection is replaced (%s)",
+                    client_id,
+                    "on_duplicate=replace" if replacing is None else "it did not answer a ping",
+                )
+                await self._displace(holder)
             # One wait for both writes: the registration is durable before it is acknowledged.
             async with asyncio.timeout(self._settings.store_timeout):
                 await self._registry.flush()
@@ -343,7 +403,20 @@ class Endpoint:
                 )
             await peer.send_first(error(f"Invalid registration: {exc}"))
             raise _Closed(closecodes.INVALID_REGISTRATION, "invalid_registration") from None
+        if peer.closed_by_server is not None:
+            # Replaced by a newer registration while this one was committed: it never starts.
+            raise _Closed(*peer.closed_by_server)
         return _Connection(peer, client_id, client_type, parsed.target_id)
+
+    async def _unresponsive_holder(self, client_id: str) -> Peer | None:
+        """The connection holding ``client_id`` if it does not answer a ping within
+        ``twin_ping_timeout`` (policy ``refuse``; ``replace`` replaces it anyway). A client
+        frozen or cut off without a FIN would otherwise keep its id until the keepalive pings
+        give up (``ping_interval`` + ``ping_timeout``) and lock its own reconnects out."""
+        holder = self._registry.get_client(client_id)
+        if not isinstance(holder, Peer) or self._settings.on_duplicate is DuplicatePolicy.REPLACE:
+            return None
+        return None if await holder.alive(within=self._settings.twin_ping_timeout) else holder
 
     async def _welcome(self, connection: _Connection) -> None:
         """Acknowledge a registration (the first frame the client gets after ``register``),
@@ -448,12 +521,20 @@ class Endpoint:
                 await peer.send(error("Device clients may not target other devices"))
                 return
             executor = requester
+        task_name = sanitise_task_name(message.task_name)
+        if connection.client_type is ClientType.DEVICE:
+            # A device taking up a task dispatched to it (UFO's device client answers the
+            # dispatch's task frame with a task request of its own).
+            dispatched = self._sessions.dispatched_to(requester, message.session_id, task_name)
+            if dispatched is not None:
+                await peer.send(ack(session_id=dispatched))
+                self._sessions.take_up(dispatched)
+                return
         limit = self._settings.max_sessions_per_client
         if self._sessions.active_count(requester) >= limit:
             await peer.send(error(f"Too many active sessions (limit {limit})"))
             return
         session_id = message.session_id or str(uuid.uuid4())
-        task_name = sanitise_task_name(message.task_name)
         known = self._registry.get_session(session_id)
         if known is not None and known.owner_id != requester:
             # Ownership first: another client must not learn more than that (docs/protocol.md).
@@ -468,7 +549,7 @@ class Endpoint:
                 await self._registry.open_session(
                     session_id, owner_id=requester, executor_id=executor, task_name=task_name
                 )
-        except SessionOwnershipError as exc:
+        except (SessionOwnershipError, SessionFinishedError) as exc:
             await peer.send(error(str(exc), session_id=session_id))
             return
         except InvalidArgumentError as exc:

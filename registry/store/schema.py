@@ -59,7 +59,8 @@ def _ensure(connection: Connection, auto_migrate: bool) -> None:
     if not auto_migrate:
         raise SchemaError(
             f"database schema is at {current or 'nothing (empty database)'}, this version needs "
-            f"{HEAD!r}; run `registry db upgrade` (or enable auto-migration)"
+            f"{HEAD!r}; run `registry db upgrade` with the same --database-url, or serve with "
+            "--auto-migrate (REGISTRY_AUTO_MIGRATE=true)"
         )
     config.attributes["connection"] = connection
     command.upgrade(config, "head")

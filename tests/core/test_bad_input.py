@@ -45,6 +45,8 @@ def _circular() -> dict[str, Any]:
 
 
 BAD_IDS: list[object] = ["", "   ", None, 123, b"bytes", LONG_ID, "a\x00b", "a\ud800"]
+#: Ids no REST path could address (README "Client ids"): refused like the others.
+BAD_IDS += ["a/b", "/", ".", "..", "a\x01b", "line\nbreak", "\x7f", "a\x9fb"]
 BAD_DOCUMENTS: list[object] = [
     ["not", "a", "dict"],
     "a string",

@@ -16,3 +16,19 @@ class AskAgainRunner(RelayRunner):
             result_timeout=3,
         )
         return SessionOutcome(TaskStatus.COMPLETED, [result.model_dump() for result in results])
+
+
+class UfoToolsRunner(RelayRunner):
+    """Drives a UFO device the way a UFO deployment's runner does: it names the agent whose
+    tool set the device is to use, and calls a tool of that set (the meta tool listing it)."""
+
+    async def run(self, context: SessionContext) -> SessionOutcome:
+        results = await context.send_command(
+            [
+                Command(
+                    tool_name="list_tools", parameters={"tool_type": "action"}, tool_type="action"
+                )
+            ],
+            agent_name="HostAgent",
+        )
+        return SessionOutcome(TaskStatus.COMPLETED, [result.model_dump() for result in results])

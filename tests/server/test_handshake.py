@@ -332,6 +332,8 @@ async def test_nothing_is_sent_to_a_client_before_its_registration_ack(
         stop.set()
         await hammer
         assert (first["type"], first["status"]) == ("heartbeat", "ok"), first
-        assert (await client.recv())["type"] == "task"
+        # The dispatch is a session of "racer": the previous round's, failed by that round's
+        # close, may be announced (task_end) to this connection before this round's task.
+        await client.recv_type("task")
         await client.close()
         await until(lambda: not server.registry.is_online("racer"))
