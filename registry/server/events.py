@@ -33,7 +33,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from registry.audit import AuditKind
 from registry.errors import InvalidArgumentError, StoreUnavailableError
 from registry.history import MAX_LIMIT, History, encode_cursor
-from registry.server.api import API_ERRORS, require_api_key
+from registry.server.api import API_ERRORS, Text, require_api_key
 from registry.types import AuditEvent
 
 logger = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ def create_events_router() -> APIRouter:
             list[str] | None,
             Query(description=f"Only these kinds (repeat): {', '.join(KINDS)}; default all."),
         ] = None,
-        client: Annotated[str | None, Query(description="Only events of this client.")] = None,
+        client: Annotated[Text | None, Query(description="Only events of this client.")] = None,
         last_event_id: Annotated[
             str | None,
             Header(

@@ -20,8 +20,15 @@ function askForKey(message) {
   const store = auth();
   store.error = message;
   store.needed = true;
-  Alpine.nextTick(() => document.getElementById("key-input").focus());
+  focusWhenShown(document.getElementById("key-input"), 50);
   return new Promise((resolve) => keyWaiters.push(resolve));
+}
+
+// Focus `element` once it is shown (x-show applies the change a little later), trying every
+// 20 ms at most `tries` times.
+function focusWhenShown(element, tries) {
+  if (element.offsetParent !== null) element.focus();
+  else if (tries > 0) setTimeout(() => focusWhenShown(element, tries - 1), 20);
 }
 
 function keyEntered(key) {
