@@ -4,6 +4,11 @@ real WebSocket clients. Each test saves screenshots of the pages it shows under
 
 from __future__ import annotations
 
+import asyncio
+import csv
+import io
+from pathlib import Path
+
 import pytest
 from playwright.async_api import expect
 
@@ -239,4 +244,23 @@ async def test_docs_render_swagger_ui_from_the_package(browser: Browser) -> None
     await expect(page.locator(".opblock-summary-path", has_text="/api/events")).to_be_visible()
     await browser.screenshot("docs")
     assert all(url.startswith(browser.base_url) for url in requested), requested
+    assert browser.errors == []
+
+
+async def test_tables_export_as_csv_without_formulas(browser: Browser, devices: Clients) -> None:
+    await devices.device("=HYPERLINK(1)")
+    await devices.device("dev, with comma")
+    page = await browser.open("/ui/clients")
+    await browser.enter_key()
+    await expect(page.locator("[data-test=clients] tbody tr")).to_have_count(2)
+    async with page.expect_download() as download_info:
+        await page.get_by_role("button", name="Export this page as CSV").click()
+    download = await download_info.value
+    assert download.suggested_filename == "clients.csv"
+    text = await asyncio.to_thread(Path(await download.path()).read_text)
+    header, *rows = csv.reader(io.StringIO(text))
+    assert header == ["client_id", "client_type", "platform", "node_id", "connected_at (UTC)"]
+    # A comma is quoted; a cell a spreadsheet would run as a formula is text.
+    assert sorted(row[0] for row in rows) == ["'=HYPERLINK(1)", "dev, with comma"]
+    assert {row[1] for row in rows} == {"device"}
     assert browser.errors == []
