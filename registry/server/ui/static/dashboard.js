@@ -644,6 +644,9 @@ document.addEventListener("alpine:init", () => {
       summary: null,
       connections: [],
       truncated: false,
+      // Rows of the connections table rendered (the timeline and the CSV have them all): a
+      // flapping device has thousands in a week.
+      shown: 100,
       availability: null,
       snapshots: [],
       sessions: [],
@@ -682,11 +685,18 @@ document.addEventListener("alpine:init", () => {
           );
           this.connections = inside.items.concat(straddling);
           this.truncated = inside.truncated;
+          this.shown = 100;
           this.snapshots = diffSnapshots(snapshots.items);
           this.sessions = sessions.items;
           this.audit = audit.items;
           await this.timeline(Date.parse(since), Date.now());
         });
+      },
+      get shownConnections() {
+        return this.connections.slice(0, this.shown);
+      },
+      showAll() {
+        this.shown = this.connections.length;
       },
       async timeline(start, end) {
         let covered = 0;
