@@ -49,7 +49,7 @@ async def test_hours_split_connections_at_their_boundaries(
 
     # A window after the first connection closed, before the still-open one began.
     middle = await registry.history.hourly(since=BASE + 2 * H, until=BASE + 3 * H)
-    assert [(i.connects, i.disconnects, i.connected_seconds) for i in middle.items] == [
+    assert [(i.connects, i.disconnects, i.connected_seconds) for i in middle.items] == [  # type: ignore[comparison-overlap]
         (0, 0, pytest.approx(3600, abs=1e-3))
     ]
     # A window with nothing in it: every hour, all zeros.
@@ -82,7 +82,7 @@ async def test_bad_windows(registry: Registry) -> None:
         (lambda: history.hourly(until=datetime.max.replace(tzinfo=UTC)), "until"),
     ):
         with pytest.raises(InvalidArgumentError) as caught:
-            await call()
+            await call()  # type: ignore[no-untyped-call]
         assert caught.value.argument == argument
     longest = await history.hourly(since=BASE, until=BASE + timedelta(days=31))
     assert len(longest.items) == 31 * 24
