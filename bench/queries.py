@@ -744,7 +744,7 @@ async def run_backend(
             f"{backend.name}: statistics of the last 24 h = {day.connections:,} connections of"
             f" {day.distinct_clients:,} clients, mean {day.mean_duration_seconds or 0:,.0f} s,"
             f" p95 {day.p95_duration_seconds or 0:,.0f} s, {sum(day.online_by_type.values()):,}"
-            f" online, availability of {len(day.availability):,} devices"
+            f" online, availability of {len(day.availability or {}):,} devices"
         )
     finally:
         await engine.dispose()

@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from registry.audit import AuditKind
-from registry.store import models
+from registry.store import models, rollups
 from registry.store.dialect import json_object
 from registry.types import LinkRole, SessionInfo, SessionState
 from registry.validation import canonical_json
@@ -98,6 +98,7 @@ async def close_gone_runs(
     ).all()
     dialect = connection.dialect.name
     closed = interrupted = 0
+    delta = rollups.Delta()
     for gone_id, gone_name, last_beat in gone:
         reason = REASON_RESTART if single_node or gone_name == node_name else REASON_NODE_LOST
         open_rows = and_(c.node_id == gone_id, c.disconnected_at.is_(None))
@@ -119,6 +120,10 @@ async def close_gone_runs(
         )
         # The best known time is the last heartbeat, but a connection opened after it
         # closes at its own start: never before it was opened.
+        for row in await connection.execute(select(*rollups.connection_facts()).where(open_rows)):
+            before = rollups.ConnectionFacts(*row)
+            ended = max(before.connected_at, last_beat)
+            delta.close(before, before._replace(disconnected_at=ended, close_reason=reason))
         last_known = literal(last_beat, models.UTCDateTime())
         result = await connection.execute(
             update(models.connections)
@@ -132,6 +137,9 @@ async def close_gone_runs(
         )
         closed += result.rowcount
         active = and_(s.state == str(SessionState.ACTIVE), s.node_id == gone_id)
+        for (created_at,) in await connection.execute(select(s.created_at).where(active)):
+            delta.session(created_at, str(SessionState.ACTIVE), -1)
+            delta.session(created_at, str(SessionState.INTERRUPTED))
         await connection.execute(
             _audit_each(
                 now,
@@ -154,6 +162,7 @@ async def close_gone_runs(
             .where(n.node_id == gone_id)
             .values(stopped_at=last_beat, stop_reason=reason)
         )
+    await rollups.apply(connection, delta)
     if gone:
         await connection.execute(
             insert(models.audit_events).values(
