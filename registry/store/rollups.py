@@ -27,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -43,6 +44,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.dml import UpdateBase
 
 from registry.store import models
 from registry.store.dialect import greatest, least, upsert
@@ -179,7 +181,7 @@ class _Sums:
     counters: tuple[str, ...]
     kept: tuple[tuple[str, str], ...] = ()
 
-    def upsert(self, dialect_name: str) -> Executable:
+    def upsert(self, dialect_name: str) -> UpdateBase:
         rules = {"least": least, "greatest": greatest}
         columns = self.table.c
         return upsert(
@@ -365,11 +367,11 @@ class Delta:
 
     def statements(
         self, dialect_name: str, *, empty: bool = False
-    ) -> list[tuple[Executable, list[dict[str, Any]]]]:
+    ) -> list[tuple[UpdateBase, list[dict[str, Any]]]]:
         """The upserts that add this delta to the tables (each key once per statement), or
         plain inserts into ``empty`` tables."""
         return [
-            (insert(sums.table) if empty else sums.upsert(dialect_name), rows)
+            (insert(sums.table) if empty else _upsert(sums, dialect_name), rows)
             for sums, rows in self._rows()
         ]
 
@@ -383,26 +385,43 @@ class Delta:
         ]
 
 
+@cache
+def _upsert(sums: _Sums, dialect_name: str) -> UpdateBase:
+    """A rollup table's upsert, built once per dialect (only its rows change)."""
+    return sums.upsert(dialect_name)
+
+
+@cache
+def _stored_facts() -> Executable:
+    c = models.connections.c
+    ids: Any = bindparam("ids", expanding=True)
+    return select(c.connection_id, *connection_facts()).where(c.connection_id.in_(ids))
+
+
+@cache
+def _stored_sessions() -> Executable:
+    s = models.sessions.c
+    ids: Any = bindparam("ids", expanding=True)
+    return select(s.session_id, s.created_at, s.state).where(s.session_id.in_(ids))
+
+
 async def apply(connection: AsyncConnection, delta: Delta, *, cleanup: bool = False) -> None:
     """Add ``delta`` to the rollups inside the caller's transaction (and, with ``cleanup``,
     delete the rows it emptied)."""
     for statement, rows in delta.statements(connection.dialect.name):
         await connection.execute(statement, rows)
     if cleanup:
-        for statement, rows in delta.cleanup():
-            await connection.execute(statement, rows)
+        for empty, keys in delta.cleanup():
+            await connection.execute(empty, keys)
 
 
 async def stored_facts(
     connection: AsyncConnection, connection_ids: Sequence[str]
 ) -> list[tuple[str, ConnectionFacts]]:
     """``(connection id, facts)`` of the named connection rows as they are now."""
-    c = models.connections.c
     found: list[tuple[str, ConnectionFacts]] = []
     for chunk in _chunks(connection_ids):
-        rows = await connection.execute(
-            select(c.connection_id, *connection_facts()).where(c.connection_id.in_(chunk))
-        )
+        rows = (await connection.execute(_stored_facts(), {"ids": list(chunk)})).all()
         found.extend((row[0], ConnectionFacts(*row[1:])) for row in rows)
     return found
 
@@ -411,12 +430,9 @@ async def stored_sessions(
     connection: AsyncConnection, session_ids: Sequence[str]
 ) -> dict[str, tuple[datetime, str]]:
     """``session id -> (created_at, state)`` of the named session rows that exist."""
-    s = models.sessions.c
     found: dict[str, tuple[datetime, str]] = {}
     for chunk in _chunks(session_ids):
-        rows = await connection.execute(
-            select(s.session_id, s.created_at, s.state).where(s.session_id.in_(chunk))
-        )
+        rows = (await connection.execute(_stored_sessions(), {"ids": list(chunk)})).all()
         found.update((session_id, (created_at, state)) for session_id, created_at, state in rows)
     return found
 
