@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -48,6 +49,7 @@ from sqlalchemy.sql.dml import UpdateBase
 
 from registry.store import models
 from registry.store.dialect import greatest, least, upsert
+from registry.types import ClientType
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
@@ -80,7 +82,7 @@ def kind(figure: str, level: str, coarse: int | None = None) -> str:
     return f"{figure}/{level}" if coarse is None else f"{figure}/{level}/{coarse}"
 
 
-DEVICE = "device"
+DEVICE = ClientType.DEVICE.value
 
 
 def floor(at: datetime, span: timedelta) -> datetime:
@@ -363,6 +365,9 @@ class Delta:
             (CLIENT_ACTIVITY, activity),
         ):
             if rows:
+                # In key order: writers of several nodes then lock shared rows (the tallies)
+                # in the same order, and cannot deadlock each other on PostgreSQL.
+                rows.sort(key=itemgetter(*sums.key))
                 yield sums, rows
 
     def statements(
