@@ -2,7 +2,8 @@
 
 Never touches an open connection, an active or interrupted session (nor its links), the latest
 info snapshot of any device, or a node row that connections still name. Each run is itself
-recorded in the audit trail.
+recorded in the audit trail. Deleted connections and sessions leave the rollups in the same
+transaction, so statistics keep answering for the rows that remain.
 """
 
 from __future__ import annotations

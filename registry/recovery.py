@@ -7,7 +7,7 @@ the file's lock, so no other run of it is alive), or its heartbeat expired.
 Its open connections are closed at its last heartbeat (the best known time; one opened after
 that beat closes at its own start) with reason ``server_restart`` (same name or SQLite) or
 ``node_lost`` (another node), its active sessions become ``interrupted``, and each step is
-audited.
+audited. The rollups follow in the same transaction (:mod:`registry.store.rollups`).
 """
 
 from __future__ import annotations

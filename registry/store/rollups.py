@@ -16,7 +16,8 @@ are few: at most one per online client).
 Connection durations are kept as a mergeable sketch (the buckets of DDSketch): a duration
 falls in bucket ``ceil(log(us) / log(GAMMA))``, and a bucket answers with a value within
 :data:`RELATIVE_ACCURACY` of every duration in it, so a percentile read from summed buckets is
-within that relative error of the exact one.
+within that relative error of the exact one. The buckets are tallied twice, fine and grouped
+coarse, so that a percentile reads a few rows per period (see :data:`FINE_PER_COARSE`).
 """
 
 from __future__ import annotations
@@ -26,14 +27,29 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
+from operator import itemgetter
 from typing import Any, NamedTuple
 
-from sqlalchemy import Executable, Table, and_, bindparam, delete, exists, func, select, update
+from sqlalchemy import (
+    Executable,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.dml import UpdateBase
 
 from registry.store import models
 from registry.store.dialect import greatest, least, upsert
+from registry.types import ClientType
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
@@ -45,19 +61,28 @@ RELATIVE_ACCURACY = 0.02
 GAMMA = (1 + RELATIVE_ACCURACY) / (1 - RELATIVE_ACCURACY)
 _LOG_GAMMA = math.log(GAMMA)
 
-# Kinds of tallies (the ``kind`` column).
-CLOSED_BY_REASON = "closed_by_reason"  # per hour of the close
-OPENED_CLOSED_BY_REASON = "opened_closed_by_reason"  # per hour of the opening
-SESSIONS_BY_STATE = "sessions_by_state"  # per hour of creation
-#: Duration sketches per period of the opening, longest period first: a window is read from
-#: as few rows as its whole days, six-hour blocks and hours allow.
-DURATION_KINDS = (
-    (DAY, "duration_day"),
-    (6 * HOUR, "duration_6h"),
-    (HOUR, "duration_hour"),
-)
+#: Fine sketch buckets per coarse one (a factor of GAMMA**10, about 1.5, between bounds).
+FINE_PER_COARSE = 10
 
-DEVICE = "device"
+# Tallies (the ``kind`` column). Closes by reason per hour of the close, for the hourly
+# figures; the window figures per period of the opening (or creation), at two levels: a
+# window is read from its whole days and the hours left over. Durations are counted twice,
+# per coarse bucket (label) and, under a kind naming the coarse bucket, per fine bucket: a
+# percentile reads the coarse counts of the window, then the fine counts of one coarse
+# bucket only.
+CLOSED_BY_REASON = "closed_by_reason"
+OPENED_CLOSED_BY_REASON = "opened_closed_by_reason"
+SESSIONS_BY_STATE = "sessions_by_state"
+DURATIONS = "durations"
+LEVELS = ((DAY, "day"), (HOUR, "hour"))
+
+
+def kind(figure: str, level: str, coarse: int | None = None) -> str:
+    """The ``kind`` of a window figure's tallies at one level (and one coarse bucket)."""
+    return f"{figure}/{level}" if coarse is None else f"{figure}/{level}/{coarse}"
+
+
+DEVICE = ClientType.DEVICE.value
 
 
 def floor(at: datetime, span: timedelta) -> datetime:
@@ -69,16 +94,22 @@ def micros(delta: timedelta) -> int:
     return delta // MICROSECOND
 
 
-def spread(began: datetime, ended: datetime, span: timedelta) -> Iterator[tuple[datetime, int]]:
-    """``(period start, microseconds)`` for each ``span``-long period that ``[began, ended)``
-    overlaps; a span of no length (or a negative one) lies in the period of ``began``, for 0."""
-    start = floor(began, span)
+def _since_epoch(at: datetime) -> int:
+    """Microseconds since the Unix epoch (the contributions are summed in these)."""
+    return (at - EPOCH) // MICROSECOND
+
+
+def _spread(began: int, ended: int, span: int) -> Iterator[tuple[int, int]]:
+    """``(period start, microseconds)`` for each ``span``-long period (all in microseconds
+    since the epoch) that ``[began, ended)`` overlaps; a span of no length (or a negative one)
+    lies in the period of ``began``, for 0."""
+    start = began - began % span
     if ended <= began:
         yield start, 0
         return
     while start < ended:
         following = start + span
-        yield start, micros(min(following, ended) - max(start, began))
+        yield start, min(following, ended) - max(start, began)
         start = following
 
 
@@ -101,19 +132,24 @@ def bucket_seconds(bucket: int) -> float:
     return 2 * GAMMA**bucket / (GAMMA + 1) / 1e6
 
 
-def percentile_seconds(counts: dict[int, int], fraction: float) -> float | None:
-    """The ``fraction`` percentile of the durations in a summed sketch (``bucket -> count``),
-    nearest-rank as the exact ranking has it; None for no durations."""
-    total = sum(counts.values())
-    if total <= 0:
-        return None
-    rank = max(math.ceil(fraction * total) - 1, 0)
-    seen = 0
+def coarse_bucket(bucket: int) -> int:
+    return bucket // FINE_PER_COARSE
+
+
+def nth(counts: dict[int, int], rank: int) -> tuple[int, int]:
+    """The bucket holding the ``rank``-th smallest duration (from 0) of a sketch's counts, and
+    that duration's rank inside the bucket."""
     for bucket in sorted(counts):
-        seen += counts[bucket]
-        if seen > rank:
-            return bucket_seconds(bucket)
-    raise AssertionError("a sketch's counts add up to its total")
+        if rank < counts[bucket]:
+            return bucket, rank
+        rank -= counts[bucket]
+    raise IndexError("rank beyond the sketch's counts")
+
+
+def percentile_rank(total: int, fraction: float) -> int:
+    """The rank (from 0) of the ``fraction`` percentile of ``total`` values, nearest-rank as
+    the exact ranking has it."""
+    return max(math.ceil(fraction * total) - 1, 0)
 
 
 class ConnectionFacts(NamedTuple):
@@ -147,7 +183,7 @@ class _Sums:
     counters: tuple[str, ...]
     kept: tuple[tuple[str, str], ...] = ()
 
-    def upsert(self, dialect_name: str) -> Executable:
+    def upsert(self, dialect_name: str) -> UpdateBase:
         rules = {"least": least, "greatest": greatest}
         columns = self.table.c
         return upsert(
@@ -196,19 +232,29 @@ TABLES = (CONNECTION_HOURS, TALLIES, DEVICE_DAYS, ONLINE_COUNTS, CLIENT_ACTIVITY
 _CONNECTS, _DISCONNECTS, _CONNECTED_US, _CLOSED, _CLOSED_US = range(5)
 
 
-class Delta:
-    """Contributions added and taken back, summed per rollup row until :meth:`statements`.
+_HOUR_US, _DAY_US = micros(HOUR), micros(DAY)
+#: Per level: its span in microseconds and the kinds of its tallies.
+_LEVELS_US = tuple(
+    (
+        micros(span),
+        kind(OPENED_CLOSED_BY_REASON, level),
+        kind(DURATIONS, level),
+        kind(SESSIONS_BY_STATE, level),
+    )
+    for span, level in LEVELS
+)
 
-    Also what statistics read for the ragged ends of a window, from the rows themselves:
-    :attr:`hours`, :attr:`tallies` and :meth:`durations` hold the same figures the tables do.
-    """
+
+class Delta:
+    """Contributions added and taken back, summed per rollup row until :meth:`statements`
+    (times as microseconds since the epoch until then: cheaper to add up)."""
 
     def __init__(self) -> None:
-        self.hours: defaultdict[tuple[datetime, str, str, str], list[int]] = defaultdict(
+        self.hours: defaultdict[tuple[int, str, str, str], list[int]] = defaultdict(
             lambda: [0, 0, 0, 0, 0]
         )
-        self.tallies: defaultdict[tuple[str, datetime, str], int] = defaultdict(int)
-        self.device_days: dict[tuple[str, datetime], list[Any]] = {}
+        self.tallies: defaultdict[tuple[str, int, str], int] = defaultdict(int)
+        self.device_days: dict[tuple[str, int], list[int]] = {}
         self.online: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.activity: dict[str, datetime] = {}
 
@@ -217,35 +263,43 @@ class Delta:
         added ``opening`` moves ``client_activity`` (prune recomputes it for what it
         deletes)."""
         dims = (row.client_type, row.platform, row.node_id)
-        began, ended = row.connected_at, row.disconnected_at
-        opened = floor(began, HOUR)
-        self.hours[(opened, *dims)][_CONNECTS] += sign
+        hours = self.hours
+        began = _since_epoch(row.connected_at)
+        opened = began - began % _HOUR_US
+        figures = hours[(opened, *dims)]
+        figures[_CONNECTS] += sign
         if sign > 0 and opening:
             latest = self.activity.get(row.client_id)
-            self.activity[row.client_id] = began if latest is None else max(latest, began)
-        if ended is None:
+            if latest is None or row.connected_at > latest:
+                self.activity[row.client_id] = row.connected_at
+        if row.disconnected_at is None:
             self.online[dims] += sign
             return
-        duration = micros(ended - began)
-        figures = self.hours[(opened, *dims)]
+        ended = _since_epoch(row.disconnected_at)
+        duration = ended - began
         figures[_CLOSED] += sign
         figures[_CLOSED_US] += sign * duration
-        closed = floor(ended, HOUR)
-        self.hours[(closed, *dims)][_DISCONNECTS] += sign
-        for start, us in spread(began, ended, HOUR):
-            self.hours[(start, *dims)][_CONNECTED_US] += sign * us
+        closed = ended - ended % _HOUR_US
+        hours[(closed, *dims)][_DISCONNECTS] += sign
+        for start, us in _spread(began, ended, _HOUR_US):
+            hours[(start, *dims)][_CONNECTED_US] += sign * us
         reason = row.close_reason or ""
-        self.tallies[(CLOSED_BY_REASON, closed, reason)] += sign
-        self.tallies[(OPENED_CLOSED_BY_REASON, opened, reason)] += sign
-        bucket = str(duration_bucket(duration))
-        for span, kind in DURATION_KINDS:
-            self.tallies[(kind, floor(began, span), bucket)] += sign
+        tallies = self.tallies
+        tallies[(CLOSED_BY_REASON, closed, reason)] += sign
+        bucket = duration_bucket(duration)
+        coarse = str(coarse_bucket(bucket))
+        fine = str(bucket)
+        for span, by_reason, durations, _sessions in _LEVELS_US:
+            start = began - began % span
+            tallies[(by_reason, start, reason)] += sign
+            tallies[(durations, start, coarse)] += sign
+            tallies[(f"{durations}/{coarse}", start, fine)] += sign  # kind(..., coarse)
         if row.client_type == DEVICE:
-            for day, us in spread(began, ended, DAY):
-                figures_of_day = self.device_days.setdefault((row.client_id, day), [0, 0, began])
-                figures_of_day[0] += sign
-                figures_of_day[1] += sign * us
-                figures_of_day[2] = min(figures_of_day[2], began)
+            for day, us in _spread(began, ended, _DAY_US):
+                of_day = self.device_days.setdefault((row.client_id, day), [0, 0, began])
+                of_day[0] += sign
+                of_day[1] += sign * us
+                of_day[2] = min(of_day[2], began)
 
     def close(self, before: ConnectionFacts, after: ConnectionFacts) -> None:
         """A connection row changed from ``before`` to ``after`` (its opening unchanged)."""
@@ -253,38 +307,43 @@ class Delta:
         self.connection(after, opening=False)
 
     def session(self, created_at: datetime, state: str, sign: int = 1) -> None:
-        """Add or take back a session row (counted per hour of creation, by state)."""
-        self.tallies[(SESSIONS_BY_STATE, floor(created_at, HOUR), state)] += sign
-
-    def durations(self) -> dict[int, int]:
-        """The duration sketch of what was added (one period length of it: they agree)."""
-        kind = DURATION_KINDS[-1][1]
-        counts: defaultdict[int, int] = defaultdict(int)
-        for (tally_kind, _start, label), count in self.tallies.items():
-            if tally_kind == kind:
-                counts[int(label)] += count
-        return counts
+        """Add or take back a session row (counted per period of creation, by state)."""
+        created = _since_epoch(created_at)
+        for span, _by_reason, _durations, sessions in _LEVELS_US:
+            self.tallies[(sessions, created - created % span, state)] += sign
 
     def _rows(self) -> Iterator[tuple[_Sums, list[dict[str, Any]]]]:
+        times: dict[int, datetime] = {}
+
+        def at(us: int) -> datetime:  # one datetime per distinct instant
+            moment = times.get(us)
+            if moment is None:
+                moment = times[us] = EPOCH + timedelta(microseconds=us)
+            return moment
+
         hours = [
-            dict(
-                zip(CONNECTION_HOURS.key + CONNECTION_HOURS.counters, (*key, *figures), strict=True)
-            )
-            for key, figures in self.hours.items()
+            {
+                "hour": at(hour),
+                "client_type": client_type,
+                "platform": platform,
+                "node_id": node_id,
+                **dict(zip(CONNECTION_HOURS.counters, figures, strict=True)),
+            }
+            for (hour, client_type, platform, node_id), figures in self.hours.items()
             if any(figures)
         ]
         tallies = [
-            {"kind": kind, "start": start, "label": label, "count": count}
-            for (kind, start, label), count in self.tallies.items()
+            {"kind": tally_kind, "start": at(start), "label": label, "count": count}
+            for (tally_kind, start, label), count in self.tallies.items()
             if count
         ]
         days = [
             {
                 "client_id": client_id,
-                "day": day,
+                "day": at(day),
                 "connections": count,
                 "connected_us": us,
-                "first_connected_at": first,
+                "first_connected_at": at(first),
             }
             for (client_id, day), (count, us, first) in self.device_days.items()
             if count or us
@@ -295,8 +354,8 @@ class Delta:
             if count
         ]
         activity = [
-            {"client_id": client_id, "last_connected_at": at}
-            for client_id, at in self.activity.items()
+            {"client_id": client_id, "last_connected_at": latest}
+            for client_id, latest in self.activity.items()
         ]
         for sums, rows in (
             (CONNECTION_HOURS, hours),
@@ -306,11 +365,20 @@ class Delta:
             (CLIENT_ACTIVITY, activity),
         ):
             if rows:
+                # In key order: writers of several nodes then lock shared rows (the tallies)
+                # in the same order, and cannot deadlock each other on PostgreSQL.
+                rows.sort(key=itemgetter(*sums.key))
                 yield sums, rows
 
-    def statements(self, dialect_name: str) -> list[tuple[Executable, list[dict[str, Any]]]]:
-        """The upserts that add this delta to the tables (each key once per statement)."""
-        return [(sums.upsert(dialect_name), rows) for sums, rows in self._rows()]
+    def statements(
+        self, dialect_name: str, *, empty: bool = False
+    ) -> list[tuple[UpdateBase, list[dict[str, Any]]]]:
+        """The upserts that add this delta to the tables (each key once per statement), or
+        plain inserts into ``empty`` tables."""
+        return [
+            (insert(sums.table) if empty else _upsert(sums, dialect_name), rows)
+            for sums, rows in self._rows()
+        ]
 
     def cleanup(self) -> list[tuple[Executable, list[dict[str, Any]]]]:
         """Deletes of the rows this delta touched that hold nothing any more (after taking
@@ -322,26 +390,43 @@ class Delta:
         ]
 
 
+@cache
+def _upsert(sums: _Sums, dialect_name: str) -> UpdateBase:
+    """A rollup table's upsert, built once per dialect (only its rows change)."""
+    return sums.upsert(dialect_name)
+
+
+@cache
+def _stored_facts() -> Executable:
+    c = models.connections.c
+    ids: Any = bindparam("ids", expanding=True)
+    return select(c.connection_id, *connection_facts()).where(c.connection_id.in_(ids))
+
+
+@cache
+def _stored_sessions() -> Executable:
+    s = models.sessions.c
+    ids: Any = bindparam("ids", expanding=True)
+    return select(s.session_id, s.created_at, s.state).where(s.session_id.in_(ids))
+
+
 async def apply(connection: AsyncConnection, delta: Delta, *, cleanup: bool = False) -> None:
     """Add ``delta`` to the rollups inside the caller's transaction (and, with ``cleanup``,
     delete the rows it emptied)."""
     for statement, rows in delta.statements(connection.dialect.name):
         await connection.execute(statement, rows)
     if cleanup:
-        for statement, rows in delta.cleanup():
-            await connection.execute(statement, rows)
+        for empty, keys in delta.cleanup():
+            await connection.execute(empty, keys)
 
 
 async def stored_facts(
     connection: AsyncConnection, connection_ids: Sequence[str]
 ) -> list[tuple[str, ConnectionFacts]]:
     """``(connection id, facts)`` of the named connection rows as they are now."""
-    c = models.connections.c
     found: list[tuple[str, ConnectionFacts]] = []
     for chunk in _chunks(connection_ids):
-        rows = await connection.execute(
-            select(c.connection_id, *connection_facts()).where(c.connection_id.in_(chunk))
-        )
+        rows = (await connection.execute(_stored_facts(), {"ids": list(chunk)})).all()
         found.extend((row[0], ConnectionFacts(*row[1:])) for row in rows)
     return found
 
@@ -350,12 +435,9 @@ async def stored_sessions(
     connection: AsyncConnection, session_ids: Sequence[str]
 ) -> dict[str, tuple[datetime, str]]:
     """``session id -> (created_at, state)`` of the named session rows that exist."""
-    s = models.sessions.c
     found: dict[str, tuple[datetime, str]] = {}
     for chunk in _chunks(session_ids):
-        rows = await connection.execute(
-            select(s.session_id, s.created_at, s.state).where(s.session_id.in_(chunk))
-        )
+        rows = (await connection.execute(_stored_sessions(), {"ids": list(chunk)})).all()
         found.update((session_id, (created_at, state)) for session_id, created_at, state in rows)
     return found
 
@@ -401,5 +483,5 @@ def rebuild(connection: Connection) -> None:
         select(s.created_at, s.state), execution_options=streamed
     ):
         delta.session(created_at, state)
-    for statement, values in delta.statements(connection.dialect.name):
+    for statement, values in delta.statements(connection.dialect.name, empty=True):
         connection.execute(statement, values)

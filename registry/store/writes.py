@@ -191,25 +191,26 @@ class DriverPlan:
     conversions: tuple[tuple[int, Processor, TypeKey], ...]
 
 
-_PLANS: weakref.WeakKeyDictionary[Dialect, dict[tuple[Op, tuple[str, ...]], DriverPlan | None]]
+_PLANS: weakref.WeakKeyDictionary[
+    Dialect, dict[tuple[UpdateBase, tuple[str, ...]], DriverPlan | None]
+]
 _PLANS = weakref.WeakKeyDictionary()
 
 
-def driver_plan(dialect: Dialect, op: Op, keys: tuple[str, ...]) -> DriverPlan | None:
-    """The driver-level plan for ``op`` rows with ``keys`` (cached), or None to let SQLAlchemy
-    execute the statement (other dialects, or a statement the plan cannot express)."""
+def driver_plan(dialect: Dialect, dml: UpdateBase, keys: tuple[str, ...]) -> DriverPlan | None:
+    """The driver-level plan for rows with ``keys`` of a statement built once (cached per
+    statement object), or None to let SQLAlchemy execute the statement (other dialects, or a
+    statement the plan cannot express)."""
     plans = _PLANS.get(dialect)
     if plans is None:
         plans = _PLANS[dialect] = {}
     try:
-        return plans[op, keys]
+        return plans[dml, keys]
     except KeyError:
         pass
     plan = None
     if dialect.name == "sqlite":
-        compiled = statement(op, dialect.name).compile(
-            dialect=dialect, column_keys=list(keys), for_executemany=True
-        )
+        compiled = dml.compile(dialect=dialect, column_keys=list(keys), for_executemany=True)
         names = compiled.positiontup
         if (
             compiled.positional
@@ -227,7 +228,7 @@ def driver_plan(dialect: Dialect, op: Op, keys: tuple[str, ...]) -> DriverPlan |
             pick = itemgetter(*names)
             values = pick if len(names) > 1 else lambda row: (pick(row),)
             plan = DriverPlan(compiled.string, values, tuple(conversions))
-    plans[op, keys] = plan
+    plans[dml, keys] = plan
     return plan
 
 
@@ -306,10 +307,22 @@ async def apply(connection: AsyncConnection, batch: Sequence[tuple[Op, Row]]) ->
             continue
         rows = _MERGE[op](rows)
         await _roll_up(connection, op, rows, delta)
-        plan = driver_plan(dialect, op, tuple(rows[0]))
-        parameters = None if plan is None else driver_parameters(plan, rows, converted)
-        if plan is None or parameters is None:
-            await connection.execute(statement(op, dialect.name), rows)
-        else:
-            await connection.exec_driver_sql(plan.sql, parameters)
-    await rollups.apply(connection, delta)
+        await _execute(connection, statement(op, dialect.name), rows, converted)
+    for rollup, rows in delta.statements(dialect.name):
+        await _execute(connection, rollup, rows, converted)
+
+
+async def _execute(
+    connection: AsyncConnection,
+    dml: UpdateBase,
+    rows: list[Row],
+    converted: dict[tuple[TypeKey, int], Any],
+) -> None:
+    """Execute ``dml`` once per row: at the driver level where a plan can, else through
+    SQLAlchemy."""
+    plan = driver_plan(connection.dialect, dml, tuple(rows[0]))
+    parameters = None if plan is None else driver_parameters(plan, rows, converted)
+    if plan is None or parameters is None:
+        await connection.execute(dml, rows)
+    else:
+        await connection.exec_driver_sql(plan.sql, parameters)
