@@ -41,11 +41,9 @@ from registry.validation import canonical_json
 
 @dataclass(slots=True)
 class RecoveredState:
-    """What recovery found: counts for the audit trail and the maps to load into memory."""
+    """What recovery read back, to load into memory: the interrupted sessions, their open links
+    (session id, role, client id, link id) and each device's latest info (document, digest)."""
 
-    closed_connections: int = 0
-    interrupted_sessions: int = 0
-    recovered_nodes: list[str] = field(default_factory=list)
     sessions: dict[str, SessionInfo] = field(default_factory=dict)
     links: list[tuple[str, LinkRole, str, str]] = field(default_factory=list)
     device_info: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -82,11 +80,9 @@ async def close_gone_runs(
     now: datetime,
     node_timeout: timedelta,
     single_node: bool,
-) -> tuple[int, int, list[str]]:
-    """Close the connections and interrupt the sessions of every gone run.
-
-    Returns (connections closed, sessions interrupted, node ids recovered).
-    """
+) -> None:
+    """Close the connections and interrupt the sessions of every gone run; one
+    ``node_recovered`` audit event counts them."""
     n, c, s = models.nodes.c, models.connections.c, models.sessions.c
     gone_rule = [n.stopped_at.is_(None), n.node_id != node_id]
     if not single_node:
@@ -166,7 +162,6 @@ async def close_gone_runs(
                 },
             )
         )
-    return closed, interrupted, [row[0] for row in gone]
 
 
 async def load_state(connection: AsyncConnection) -> RecoveredState:
