@@ -47,8 +47,10 @@ from tests.support import (
     until,
 )
 
-#: Seconds a send may wait on a peer that does not read (short, to keep the module quick).
-SEND_TIMEOUT = 1.0
+#: Seconds a send may wait on a peer that does not read: short, to keep the module quick, and
+#: well above a round trip on a loaded 2-core machine (up to about 1.2 s seen), so that a client
+#: queued behind the stuck one (which waits at least this long) stands out from mere load.
+SEND_TIMEOUT = 2.0
 #: The ``request`` of each dispatch at the stuck client, and how much is sent in all.
 PAYLOAD_BYTES = 256 * 1024
 TOTAL_BYTES = 64 * 1024 * 1024
