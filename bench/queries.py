@@ -6,11 +6,15 @@ Run from the repository root::
     python -m bench.queries --quick    # 100,000 connections, fewer calls (a smoke run)
     python -m bench.queries --explain  # also the plan and time of every SQL statement
 
-The goal (from the issue): over 1,000,000 connection rows, the first page of one client's
-connection history (limit 100, newest first) and the statistics of a 24-hour window each
-return in under 50 ms. Every measure is a real :class:`~registry.history.History` call through
-the registry's own engine (:func:`registry.store.dialect.create_engine`), so it includes the
-pool checkout, the SQL and building the records.
+The goals (from the issues): over 1,000,000 connection rows, the first page of one client's
+connection history (limit 100, newest first) returns in under 50 ms; the statistics of
+``/api/stats`` (``availability=False``: per-device availability is paged apart) in 10 ms for
+a 24-hour window and 25 ms for 7 and 30 days. The statistics read the rollups; the
+statistics as computed before them, from the rows (``tests/core/raw_statistics.py``), are
+timed in the same run for comparison. Every measure is a real
+:class:`~registry.history.History` call through the registry's own engine
+(:func:`registry.store.dialect.create_engine`), so it includes the pool checkout, the SQL and
+building the records.
 
 The data set is seeded (the same rows on both backends, checked by printing the same 24-hour
 statistics for each): 5,000 clients (100 constellations) connecting over 30 days, a skewed
@@ -21,14 +25,16 @@ sessions with their links, and the audit trail those events write (about 2 milli
 inserted in time order as a running registry would.
 
 SQLite is a file in a temporary directory: the schema from the registry's migrations, filled
-with raw ``sqlite3`` ``executemany`` (times in the text format of :func:`bench.seed.stamp`).
-It is not ``ANALYZE``d, because the registry never does that (``--sqlite-analyze`` measures a
-file that was: the planner then picks other plans). PostgreSQL is a throwaway database
-``registry_bench_<pid>`` on ``--postgres-url`` (default ``$REGISTRY_TEST_POSTGRES_URL`` or
-the local ``test`` server), migrated with :func:`registry.store.schema.ensure_schema`, loaded
-with ``COPY``, ``VACUUM ANALYZE``d (as autovacuum would) and dropped at the end; without a
-reachable server it is skipped, with the reason in the notes. Progress goes to stderr, the
-markdown table to stdout.
+with raw ``sqlite3`` ``executemany`` (times in the text format of :func:`bench.seed.stamp`),
+then the rollups built from the rows by :func:`registry.store.rollups.rebuild` (the
+migration's backfill). It is not ``ANALYZE``d, because the registry never does that
+(``--sqlite-analyze`` measures a file that was: the planner then picks other plans).
+PostgreSQL is a throwaway database ``registry_bench_<pid>`` on ``--postgres-url`` (default
+``$REGISTRY_TEST_POSTGRES_URL`` or the local ``test`` server), migrated with
+:func:`registry.store.schema.ensure_schema`, loaded with ``COPY``, its rollups rebuilt,
+``VACUUM ANALYZE``d (as autovacuum would) and dropped at the end; without a reachable server
+it is skipped, with the reason in the notes. Progress goes to stderr, the markdown table to
+stdout.
 """
 
 from __future__ import annotations
@@ -61,8 +67,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bench import seed
 from bench.report import ms, percentile, progress_printer, table, yes_no
 from registry.history import History
+from registry.store import rollups
 from registry.store.dialect import create_engine
 from registry.store.schema import ensure_schema
+from tests.core.raw_statistics import raw_statistics
 
 GOAL_SECONDS = 0.050
 DEFAULT_POSTGRES_URL = os.environ.get(
@@ -489,7 +497,20 @@ async def migrate(url: str | URL) -> None:
         await engine.dispose()
 
 
-async def load_sqlite(path: Path, data: Dataset, *, analyze: bool) -> None:
+async def build_rollups(url: str | URL) -> float:
+    """Build the rollups from the loaded rows, as the migration that adds them does; returns
+    the seconds it took."""
+    began = time.perf_counter()
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(rollups.rebuild)
+    finally:
+        await engine.dispose()
+    return time.perf_counter() - began
+
+
+async def load_sqlite(path: Path, data: Dataset, *, analyze: bool) -> float:
     """Create the schema with the registry's migrations, then fill it with raw ``sqlite3``.
 
     The secondary indexes are dropped for the load and created again from their own SQL
@@ -521,11 +542,17 @@ async def load_sqlite(path: Path, data: Dataset, *, analyze: bool) -> None:
         for _name, sql in indexes:
             db.execute(sql)
         db.execute("COMMIT")
-        if analyze:
-            db.execute("ANALYZE")
         db.execute("PRAGMA journal_mode = WAL")
     finally:
         db.close()
+    rollups_seconds = await build_rollups(seed.sqlite_url(path))
+    if analyze:
+        db = sqlite3.connect(path, isolation_level=None)
+        try:
+            db.execute("ANALYZE")
+        finally:
+            db.close()
+    return rollups_seconds
 
 
 def asyncpg_dsn(url: URL) -> str:
@@ -539,7 +566,7 @@ WHERE t.relnamespace = 'public'::regnamespace AND NOT i.indisprimary AND NOT i.i
 """
 
 
-async def load_postgres(url: URL, data: Dataset) -> None:
+async def load_postgres(url: URL, data: Dataset) -> float:
     """Migrate, ``COPY`` every table with the secondary indexes dropped, create them again
     from their own definitions, then ``VACUUM ANALYZE`` (what autovacuum does on its own)."""
     await migrate(url)
@@ -557,9 +584,11 @@ async def load_postgres(url: URL, data: Dataset) -> None:
                     await db.copy_records_to_table(table, records=batch, columns=COLUMNS[table])
             for _name, definition in indexes:
                 await db.execute(definition)
+        rollups_seconds = await build_rollups(url)
         await db.execute("VACUUM ANALYZE")
     finally:
         await db.close()
+    return rollups_seconds
 
 
 # -- measuring -------------------------------------------------------------------------------
@@ -587,7 +616,7 @@ class Measure:
 
     key: str
     label: str
-    goal: bool  # one of the issue's two goals
+    goal: float | None  # the issues' goal for this query, in seconds
     call: Callable[[History], Awaitable[int]]
 
 
@@ -611,7 +640,7 @@ class Backend:
 progress = progress_printer("bench.queries")
 
 
-async def measures(history: History, data: Dataset) -> list[Measure]:
+async def measures(history: History, data: Dataset, engine: AsyncEngine) -> list[Measure]:
     """The calls to time, with what they need (a page-2 cursor) looked up once beforehand."""
     typical, busiest = data.typical_client(), data.busiest_client()
     constellation = data.busiest_constellation()
@@ -623,8 +652,24 @@ async def measures(history: History, data: Dataset) -> list[Measure]:
         return len((await history.connections(client, limit=100, cursor=cursor)).items)
 
     async def window(days: int) -> int:
-        stats = await history.statistics(since=now - timedelta(days=days), until=now)
+        since = now - timedelta(days=days)
+        stats = await history.statistics(since=since, until=now, availability=False)
         return stats.connections
+
+    async def from_rows(days: int) -> int:
+        async with engine.connect() as connection:
+            stats = await raw_statistics(connection, now - timedelta(days=days), now)
+        return stats.connections
+
+    async def hourly() -> int:
+        return len((await history.hourly(since=now - timedelta(days=1), until=now)).items)
+
+    async def availability(every: bool) -> int:
+        since = now - timedelta(days=1)
+        if every:
+            devices = (await history.statistics(since=since, until=now)).availability
+            return len(devices or {})
+        return len((await history.availability(since=since, until=now, limit=100)).items)
 
     async def audit(**filters: Any) -> int:
         return len((await history.audit(limit=100, **filters)).items)
@@ -636,40 +681,60 @@ async def measures(history: History, data: Dataset) -> list[Measure]:
         Measure(
             "typical",
             f"connections of a typical device ({data.count_of(typical):,} rows), page 1",
-            True,
+            GOAL_SECONDS,
             lambda _h: connections(typical),
         ),
         Measure(
             "busiest",
             f"connections of the busiest device ({data.count_of(busiest):,} rows), page 1",
-            True,
+            GOAL_SECONDS,
             lambda _h: connections(busiest),
         ),
         Measure(
             "page2",
             "connections of the busiest device, page 2 (cursor)",
-            False,
+            None,
             lambda _h: connections(busiest, cursor),
         ),
-        Measure("stats1", "statistics, last 24 h", True, lambda _h: window(1)),
-        Measure("stats7", "statistics, 7-day window", False, lambda _h: window(7)),
+        Measure("stats1", "statistics, last 24 h", 0.010, lambda _h: window(1)),
+        Measure("stats7", "statistics, 7-day window", 0.025, lambda _h: window(7)),
+        Measure("stats30", "statistics, 30-day window", 0.025, lambda _h: window(30)),
+        Measure(
+            "raw1", "statistics from the rows (before), last 24 h", None, lambda _h: from_rows(1)
+        ),
+        Measure(
+            "raw7", "statistics from the rows (before), 7-day window", None, lambda _h: from_rows(7)
+        ),
+        Measure("hourly", "hourly figures, last 24 h", None, lambda _h: hourly()),
+        Measure(
+            "devices",
+            "per-device availability, last 24 h, page 1 (100 devices)",
+            None,
+            lambda _h: availability(False),
+        ),
+        Measure(
+            "all_devices",
+            "per-device availability, last 24 h, every device (all pages)",
+            None,
+            lambda _h: availability(True),
+        ),
         Measure("audit", "audit trail, page 1 (oldest first)", False, lambda _h: audit()),
         Measure(
             "audit_new",
             "audit trail, page 1 (newest first)",
-            False,
+            None,
             lambda _h: audit(newest_first=True),
         ),
         Measure(
             "audit_client",
             "audit trail of a typical device, page 1 (newest first)",
-            False,
+            None,
             lambda _h: audit(client_id=typical, newest_first=True),
         ),
         Measure(
             "sessions",
             "sessions of the busiest constellation, page 1",
-            False,
+            None,
             lambda _h: sessions(constellation),
         ),
     ]
@@ -732,7 +797,7 @@ async def run_backend(
     engine = create_engine(url)
     try:
         history = History(engine)
-        backend.measures = await measures(history, data)
+        backend.measures = await measures(history, data, engine)
         for measure in backend.measures:
             progress(f"{backend.name}: {measure.label}")
             backend.timings[measure.key] = await time_call(measure, history, config)
@@ -744,7 +809,7 @@ async def run_backend(
             f"{backend.name}: statistics of the last 24 h = {day.connections:,} connections of"
             f" {day.distinct_clients:,} clients, mean {day.mean_duration_seconds or 0:,.0f} s,"
             f" p95 {day.p95_duration_seconds or 0:,.0f} s, {sum(day.online_by_type.values()):,}"
-            f" online, availability of {len(day.availability):,} devices"
+            f" online, availability of {len(day.availability or {}):,} devices"
         )
     finally:
         await engine.dispose()
@@ -759,11 +824,12 @@ async def bench_sqlite(
         path = directory / "registry.db"
         began = time.perf_counter()
         progress("SQLite: loading")
-        await load_sqlite(path, data, analyze=analyze)
+        rollups_seconds = await load_sqlite(path, data, analyze=analyze)
         how = "then ANALYZE" if analyze else "no ANALYZE, as the registry leaves it"
         backend.facts.append(
             f"SQLite {sqlite3.sqlite_version}: built in {time.perf_counter() - began:,.1f} s"
-            f" (raw sqlite3 executemany; {how}), {path.stat().st_size / 2**20:,.0f} MiB"
+            f" (raw sqlite3 executemany, rollups built from the rows in"
+            f" {rollups_seconds:,.1f} s; {how}), {path.stat().st_size / 2**20:,.0f} MiB"
         )
         await run_backend(backend, seed.sqlite_url(path), data, config, plans)
     finally:
@@ -789,10 +855,11 @@ async def bench_postgres(
         try:
             began = time.perf_counter()
             progress(f"PostgreSQL: loading into {name}")
-            await load_postgres(url, data)
+            rollups_seconds = await load_postgres(url, data)
             backend.facts.append(
                 f"PostgreSQL {version}: built in {time.perf_counter() - began:,.1f} s"
-                " (migrations, COPY, VACUUM ANALYZE)"
+                f" (migrations, COPY, rollups built from the rows in {rollups_seconds:,.1f} s,"
+                " VACUUM ANALYZE)"
             )
             await run_backend(backend, url, data, config, plans)
         finally:
@@ -810,16 +877,17 @@ def markdown(labels: list[Measure], backends: list[Backend], notes: list[str], c
     head = ["Query", "Issue goal"]
     for b in ran:
         head += [f"{b.name} median", f"{b.name} p95"]
-    head.append("Under 50 ms (p95)")
+    head.append("Under the goal (p95; 50 ms where none)")
     rows = []
     for measure in labels:
-        cells = [measure.label, "< 50 ms" if measure.goal else "—"]
+        goal = measure.goal or GOAL_SECONDS
+        cells = [measure.label, f"≤ {measure.goal * 1e3:g} ms" if measure.goal else "—"]
         verdicts = []
         for b in ran:
             timing = b.timings[measure.key]
             fewer = f" ({timing.calls} calls)" if timing.calls < calls else ""
             cells += [ms(timing.median) + fewer, ms(timing.p95)]
-            verdicts.append(f"{b.name} {yes_no(timing.p95 < GOAL_SECONDS)}")
+            verdicts.append(f"{b.name} {yes_no(timing.p95 <= goal)}")
         cells.append(", ".join(verdicts))
         rows.append(cells)
     out = [table(head, rows), ""]

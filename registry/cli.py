@@ -580,7 +580,7 @@ def stats(
         ),
         *(
             {"figure": f"availability {device}", "value": f"{fraction:.1%}"}
-            for device, fraction in figures.availability.items()
+            for device, fraction in (figures.availability or {}).items()
         ),
     ]
     _emit(figures, as_json, table, "")

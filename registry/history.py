@@ -9,24 +9,27 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Executable, Select, and_, func, literal, or_, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import ColumnElement, Select, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from registry import statistics as rollup_statistics
 from registry.errors import InvalidArgumentError, store_errors
 from registry.store import models
-from registry.store.dialect import epoch_seconds, greatest, least
 from registry.types import (
     AuditEvent,
     ClientSummary,
     ClientType,
     ConnectionRecord,
+    DeviceAvailability,
     DeviceInfoSnapshot,
+    HourlyStatistics,
     LinkRole,
+    NodeRecord,
     Page,
     SessionDetail,
     SessionLinkRecord,
@@ -38,6 +41,12 @@ from registry.validation import storable_text
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+#: Close reasons of connections that ended as they should: the client or an operator closed
+#: them, or the server shut down cleanly. Every other reason is worth a look.
+NORMAL_CLOSE_REASONS = ("client_closed", "going_away", "removed", "server_shutdown")
+HOUR = timedelta(hours=1)
+#: The longest window :meth:`History.hourly` answers (744 hours).
+MAX_HOURLY_WINDOW = timedelta(days=31)
 
 T = TypeVar("T")
 
@@ -197,14 +206,23 @@ class History:
         *,
         client_type: ClientType | str | None = None,
         platform: str | None = None,
+        node_id: str | None = None,
+        search: str | None = None,
         limit: int = DEFAULT_LIMIT,
         cursor: str | None = None,
     ) -> Page[ConnectionRecord]:
         """Connections open now on any node, newest first; ``client_type`` and ``platform``
-        (in any case, as the live lookups compare it) narrow them."""
+        (in any case, as the live lookups compare it), ``node_id`` and ``search`` (a part of
+        the client id, in any case) narrow them."""
         _text("platform", platform, optional=True)
+        _text("node_id", node_id, optional=True)
+        _text("search", search, optional=True)
         c = models.connections.c
         conditions: list[ColumnElement[bool]] = [c.disconnected_at.is_(None)]
+        if node_id is not None:
+            conditions.append(c.node_id == node_id)
+        if search:
+            conditions.append(func.lower(c.client_id).contains(search.lower(), autoescape=True))
         if client_type is not None:
             try:
                 conditions.append(c.client_type == ClientType(client_type).value)
@@ -420,125 +438,165 @@ class History:
         return page.items[0] if page.items else None
 
     async def statistics(
-        self, *, since: datetime | None = None, until: datetime | None = None
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        availability: bool = True,
     ) -> Statistics:
         """Open connections now by type and platform (platforms lower-cased, as the live
         lookups compare them), and figures for connections opened in ``[since, until)``
-        (default: the last 24 hours); see :class:`~registry.types.Statistics`."""
-        until = _aware("until", until) or datetime.now(UTC)
-        since = _aware("since", since) or until - timedelta(days=1)
-        if since > until:
-            raise InvalidArgumentError("since", "must not be after until")
+        (default: the last 24 hours); see :class:`~registry.types.Statistics`. Read from the
+        rollups, so the cost hardly grows with the window; ``availability=False`` leaves out
+        the per-device figures, which cost a pass over every device (see
+        :meth:`availability` for them a page at a time)."""
+        since, until = _statistics_window(since, until)
         with store_errors("statistics query failed"):
             async with self._engine.connect() as connection:
-                return await _statistics(connection, since, until)
+                figures = await rollup_statistics.statistics(connection, since, until, None)
+        if not availability:
+            return figures
+        devices: dict[str, float] = {}
+        cursor: str | None = None
+        while True:
+            page = await self.availability(since=since, until=until, limit=MAX_LIMIT, cursor=cursor)
+            devices.update((item.device_id, item.availability) for item in page.items)
+            if page.next_cursor is None:
+                return replace(figures, availability=devices)
+            cursor = page.next_cursor
 
+    async def availability(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> Page[DeviceAvailability]:
+        """Per device with a connection in ``[since, until)`` (default: the last 24 hours),
+        by device id, the fraction of the window it was connected (until now at most, for
+        connections still open): the meaning of :attr:`Statistics.availability`."""
+        since, until = _statistics_window(since, until)
+        after = None if cursor is None else decode_cursor(cursor, str)[0]
+        with store_errors("availability query failed"):
+            async with self._engine.connect() as connection:
+                items, more = await rollup_statistics.availability_page(
+                    connection, since, until, after, _limit(limit)
+                )
+        return Page(items=items, next_cursor=encode_cursor(items[-1].device_id) if more else None)
 
-async def _statistics(connection: AsyncConnection, since: datetime, until: datetime) -> Statistics:
-    c, s = models.connections.c, models.sessions.c
-    dialect = connection.dialect.name
-
-    async def pairs(query: Executable) -> dict[Any, Any]:
-        return {key: value for key, value in (await connection.execute(query)).all()}
-
-    is_open = c.disconnected_at.is_(None)
-    platform = func.lower(c.platform)
-    online_by_type = {kind.value: 0 for kind in ClientType} | await pairs(
-        select(c.client_type, func.count()).where(is_open).group_by(c.client_type)
-    )
-    online_by_platform = await pairs(
-        select(platform, func.count()).where(is_open).group_by(platform)
-    )
-    opened = and_(c.connected_at >= since, c.connected_at < until)
-    closed = and_(opened, c.disconnected_at.is_not(None))
-    duration = epoch_seconds(dialect, c.disconnected_at) - epoch_seconds(dialect, c.connected_at)
-    # Distinct clients as a count over a DISTINCT subquery: PostgreSQL hashes it, where
-    # count(DISTINCT ...) sorts every row of the window (3x slower on 30,000 rows).
-    distinct_clients = select(c.client_id).where(opened).distinct().subquery()
-    count, distinct, mean, closed_count = (
-        await connection.execute(
-            select(
-                func.count(),
-                select(func.count()).select_from(distinct_clients).scalar_subquery(),
-                func.avg(duration),
-                func.count(c.disconnected_at),
-            ).where(opened)
-        )
-    ).one()
-    p95 = None
-    if closed_count:
-        rank = max(math.ceil(0.95 * closed_count) - 1, 0)
-        p95 = (
-            await connection.execute(
-                select(duration).where(closed).order_by(duration).offset(rank).limit(1)
+    async def hourly(
+        self, *, since: datetime | None = None, until: datetime | None = None
+    ) -> HourlyStatistics:
+        """Figures of every UTC hour that overlaps ``[since, until)`` (see
+        :class:`~registry.types.HourFigures`), zeros included, oldest first. The window is
+        widened to whole hours (the answer's ``since`` and ``until``); by default it is the 24
+        hours that end with the current one. At most :data:`MAX_HOURLY_WINDOW`."""
+        until = _aware("until", until) or datetime.now(UTC)
+        end = _hour_ceiling(until)
+        since = _aware("since", since)
+        if since is None:  # a day back, or from the first hour there is
+            since = max(end, _FIRST_HOUR + timedelta(days=1)) - timedelta(days=1)
+        start = _hour_floor(since)
+        if start > end:
+            raise InvalidArgumentError("since", "must not be after until")
+        if end - start > MAX_HOURLY_WINDOW:
+            raise InvalidArgumentError(
+                "since", f"the window is at most {MAX_HOURLY_WINDOW.days} days of whole hours"
             )
-        ).scalar_one()
-    by_reason = {
-        reason or "": count
-        for reason, count in (
-            await pairs(select(c.close_reason, func.count()).where(closed).group_by(c.close_reason))
-        ).items()
-    }
-    by_state = await pairs(
-        select(s.state, func.count())
-        .where(s.created_at >= since, s.created_at < until)
-        .group_by(s.state)
-    )
-    return Statistics(
-        since=since,
-        until=until,
-        online_by_type=online_by_type,
-        online_by_platform=online_by_platform,
-        connections=count,
-        distinct_clients=distinct,
-        mean_duration_seconds=None if mean is None else float(mean),
-        p95_duration_seconds=None if p95 is None else float(p95),
-        disconnects_by_reason=by_reason,
-        sessions_by_state=by_state,
-        availability=await _availability(connection, since, until),
-    )
+        with store_errors("hourly statistics failed"):
+            async with self._engine.connect() as connection:
+                items = await rollup_statistics.hourly(connection, start, end)
+        return HourlyStatistics(items=items, since=start, until=end)
+
+    async def nodes(self, *, running_only: bool = False) -> list[NodeRecord]:
+        """Server runs, newest first (only those not stopped with ``running_only``), each
+        with the number of connections open on it now."""
+        n, c = models.nodes.c, models.connections.c
+        online = (
+            select(c.node_id, func.count().label("online"))
+            .where(c.disconnected_at.is_(None))
+            .group_by(c.node_id)
+            .subquery()
+        )
+        query = (
+            select(models.nodes, func.coalesce(online.c.online, 0).label("online"))
+            .outerjoin(online, online.c.node_id == n.node_id)
+            .order_by(n.started_at.desc(), n.node_id)
+            .limit(MAX_LIMIT)
+        )
+        if running_only:
+            query = query.where(n.stopped_at.is_(None))
+        rows = await self._rows(query)
+        return [
+            NodeRecord(
+                node_id=row.node_id,
+                name=row.name,
+                hostname=row.hostname,
+                pid=row.pid,
+                started_at=row.started_at,
+                heartbeat_at=row.heartbeat_at,
+                stopped_at=row.stopped_at,
+                stop_reason=row.stop_reason,
+                online=row.online,
+            )
+            for row in rows
+        ]
+
+    async def disconnects(
+        self,
+        *,
+        abnormal: bool = False,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> Page[ConnectionRecord]:
+        """Connections closed in ``[since, until)``, newest close first; with ``abnormal``,
+        only those whose reason is not one of :data:`NORMAL_CLOSE_REASONS`."""
+        c = models.connections.c
+        conditions = [c.disconnected_at.is_not(None), *_window(c.disconnected_at, since, until)]
+        if abnormal:
+            conditions.append(
+                or_(c.close_reason.is_(None), c.close_reason.not_in(NORMAL_CLOSE_REASONS))
+            )
+        if cursor is not None:
+            at, connection_id = decode_cursor(cursor, datetime, str)
+            conditions.extend(_before(c.disconnected_at, at, c.connection_id, connection_id))
+        query = (
+            select(models.connections)
+            .where(*conditions)
+            .order_by(c.disconnected_at.desc(), c.connection_id.desc())
+        )
+        return await self._page(
+            query, limit, _connection_record, lambda row: (row.disconnected_at, row.connection_id)
+        )
 
 
-async def _availability(
-    connection: AsyncConnection, since: datetime, until: datetime
-) -> dict[str, float]:
-    """Per device, the fraction of ``[since, until)`` it had a connection open (until now at
-    most, for connections still open). Three index range scans: connections opened in the
-    window, older ones closed inside it, and older ones still open."""
-    c = models.connections.c
-    dialect = connection.dialect.name
-    start, end = since.timestamp(), min(until, datetime.now(UTC)).timestamp()
-    length = until.timestamp() - start
-    if length <= 0:
-        return {}
-    ended = func.coalesce(epoch_seconds(dialect, c.disconnected_at), end)
-    device = c.client_type == ClientType.DEVICE.value
-    pieces = (
-        (c.connected_at >= since, epoch_seconds(dialect, c.connected_at)),
-        (c.disconnected_at > since, literal(start)),
-        (c.disconnected_at.is_(None), literal(start)),
-    )
-    seconds: dict[str, float] = {}
-    for index, (condition, began) in enumerate(pieces):
-        overlap = least(dialect, ended, literal(end)) - greatest(dialect, began, literal(start))
-        inside = select(c.client_id, overlap.label("seconds")).where(
-            device, c.connected_at < until, condition
-        )
-        if index:
-            inside = inside.where(c.connected_at < since)
-        piece = inside.cte(f"piece_{index}")
-        if dialect == "sqlite":
-            # Fence the range scan off from the GROUP BY: otherwise SQLite reads the whole
-            # (client_id, connected_at) index in order, to save sorting the groups, instead of
-            # the range of the condition's index (2 s instead of 15 ms on 1M rows). PostgreSQL
-            # plans the inlined CTE well, and materializing it there only costs time.
-            piece = piece.prefix_with("MATERIALIZED")
-        rows = await connection.execute(
-            select(piece.c.client_id, func.sum(piece.c.seconds)).group_by(piece.c.client_id)
-        )
-        for client_id, total in rows:
-            seconds[client_id] = seconds.get(client_id, 0.0) + max(float(total or 0.0), 0.0)
-    return {client_id: min(total / length, 1.0) for client_id, total in sorted(seconds.items())}
+_FIRST_HOUR = datetime.min.replace(tzinfo=UTC)
+
+
+def _statistics_window(since: datetime | None, until: datetime | None) -> tuple[datetime, datetime]:
+    """The window of the statistics: ``until`` defaults to now, ``since`` to a day before."""
+    until = _aware("until", until) or datetime.now(UTC)
+    since = _aware("since", since) or until - timedelta(days=1)
+    if since > until:
+        raise InvalidArgumentError("since", "must not be after until")
+    return since, until
+
+
+def _hour_floor(at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _hour_ceiling(at: datetime) -> datetime:
+    floor = _hour_floor(at)
+    if floor == at:
+        return floor
+    try:
+        return floor + HOUR
+    except OverflowError:
+        raise InvalidArgumentError("until", "is later than the last whole hour") from None
 
 
 def _connection_record(row: Any) -> ConnectionRecord:

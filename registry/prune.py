@@ -2,7 +2,8 @@
 
 Never touches an open connection, an active or interrupted session (nor its links), the latest
 info snapshot of any device, or a node row that connections still name. Each run is itself
-recorded in the audit trail.
+recorded in the audit trail. Deleted connections and sessions leave the rollups in the same
+transaction, so statistics keep answering for the rows that remain.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import ColumnElement, Table, delete, exists, func, insert, or_, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from registry.audit import AuditKind
 from registry.errors import InvalidArgumentError, store_errors
-from registry.store import models
+from registry.store import models, rollups
 from registry.types import SessionState
 
 DEFAULT_BATCH = 5000
@@ -110,6 +112,31 @@ async def prune(
     return report
 
 
+async def _forget(connection: AsyncConnection, table: Table, keys: list[str]) -> set[str]:
+    """Take the rows about to be deleted out of the rollups (same transaction), so that
+    statistics answer for the rows that remain; rollup rows left empty are deleted too.
+    Returns the clients whose connections go (their activity is recounted after)."""
+    delta = rollups.Delta()
+    clients: set[str] = set()
+    if table is models.connections:
+        c = models.connections.c
+        found = await connection.execute(
+            select(*rollups.connection_facts()).where(c.connection_id.in_(keys))
+        )
+        for row in found:
+            facts = rollups.ConnectionFacts(*row)
+            delta.connection(facts, -1)
+            clients.add(facts.client_id)
+    else:
+        s = models.sessions.c
+        for created_at, state in await connection.execute(
+            select(s.created_at, s.state).where(s.session_id.in_(keys))
+        ):
+            delta.session(created_at, state, -1)
+    await rollups.apply(connection, delta, cleanup=True)
+    return clients
+
+
 async def _prune_table(
     engine: AsyncEngine,
     name: str,
@@ -130,9 +157,16 @@ async def _prune_table(
     key = next(iter(table.primary_key.columns))
     total = 0
     while True:
-        batch = select(key).where(condition).limit(batch_size).scalar_subquery()
+        batch: Any = select(key).where(condition).limit(batch_size)
         async with engine.begin() as connection:
+            clients: set[str] = set()
+            if table is models.connections or table is models.sessions:
+                batch = list((await connection.execute(batch)).scalars())  # taken back
+                clients = await _forget(connection, table, batch)
+            else:
+                batch = batch.scalar_subquery()
             deleted = (await connection.execute(delete(table).where(key.in_(batch)))).rowcount
+            await rollups.recount_activity(connection, clients)
         total += deleted
         if progress is not None:
             progress(name, total)

@@ -7,7 +7,7 @@ the file's lock, so no other run of it is alive), or its heartbeat expired.
 Its open connections are closed at its last heartbeat (the best known time; one opened after
 that beat closes at its own start) with reason ``server_restart`` (same name or SQLite) or
 ``node_lost`` (another node), its active sessions become ``interrupted``, and each step is
-audited.
+audited. The rollups follow in the same transaction (:mod:`registry.store.rollups`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from registry import closes
 from registry.audit import AuditKind
-from registry.store import models
+from registry.store import models, rollups
 from registry.store.dialect import json_object
 from registry.types import LinkRole, SessionInfo, SessionState
 from registry.validation import canonical_json
@@ -80,9 +80,12 @@ async def close_gone_runs(
     now: datetime,
     node_timeout: timedelta,
     single_node: bool,
-) -> None:
-    """Close the connections and interrupt the sessions of every gone run; one
-    ``node_recovered`` audit event counts them."""
+) -> tuple[int, int, list[str]]:
+    """Close the connections and interrupt the sessions of every gone run.
+
+    Returns (connections closed, sessions interrupted, node ids recovered): start-up records
+    them in its ``node_recovered`` audit event; the rollup tests check them.
+    """
     n, c, s = models.nodes.c, models.connections.c, models.sessions.c
     gone_rule = [n.stopped_at.is_(None), n.node_id != node_id]
     if not single_node:
@@ -92,6 +95,7 @@ async def close_gone_runs(
     ).all()
     dialect = connection.dialect.name
     closed = interrupted = 0
+    delta = rollups.Delta()
     for gone_id, gone_name, last_beat in gone:
         same_node = single_node or gone_name == node_name
         reason = (closes.SERVER_RESTART if same_node else closes.NODE_LOST).reason
@@ -114,6 +118,10 @@ async def close_gone_runs(
         )
         # The best known time is the last heartbeat, but a connection opened after it
         # closes at its own start: never before it was opened.
+        for row in await connection.execute(select(*rollups.connection_facts()).where(open_rows)):
+            before = rollups.ConnectionFacts(*row)
+            ended = max(before.connected_at, last_beat)
+            delta.close(before, before._replace(disconnected_at=ended, close_reason=reason))
         last_known = literal(last_beat, models.UTCDateTime())
         result = await connection.execute(
             update(models.connections)
@@ -127,6 +135,9 @@ async def close_gone_runs(
         )
         closed += result.rowcount
         active = and_(s.state == str(SessionState.ACTIVE), s.node_id == gone_id)
+        for (created_at,) in await connection.execute(select(s.created_at).where(active)):
+            delta.session(created_at, str(SessionState.ACTIVE), -1)
+            delta.session(created_at, str(SessionState.INTERRUPTED))
         await connection.execute(
             _audit_each(
                 now,
@@ -149,6 +160,7 @@ async def close_gone_runs(
             .where(n.node_id == gone_id)
             .values(stopped_at=last_beat, stop_reason=reason)
         )
+    await rollups.apply(connection, delta)
     if gone:
         await connection.execute(
             insert(models.audit_events).values(
@@ -162,6 +174,7 @@ async def close_gone_runs(
                 },
             )
         )
+    return closed, interrupted, [row[0] for row in gone]
 
 
 async def load_state(connection: AsyncConnection) -> RecoveredState:

@@ -151,7 +151,9 @@ class Statistics:
     figures cover connections opened in ``[since, until)``: their count, distinct clients,
     closes by reason, and mean and 95th-percentile duration of the closed ones;
     ``sessions_by_state`` counts sessions created in the window; ``availability`` is, per
-    device, the fraction of the window it was connected.
+    device, the fraction of the window it was connected (``None`` when not asked for: see
+    :class:`DeviceAvailability`). ``p95_duration_seconds`` comes from a sketch: within 2% of
+    the exact 95th percentile.
     """
 
     since: datetime
@@ -164,7 +166,39 @@ class Statistics:
     p95_duration_seconds: float | None = None
     disconnects_by_reason: dict[str, int] = field(default_factory=dict)
     sessions_by_state: dict[str, int] = field(default_factory=dict)
-    availability: dict[str, float] = field(default_factory=dict)
+    availability: dict[str, float] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAvailability:
+    """The fraction of a window a device had a connection open (until now at most, for
+    connections still open), for each device with a connection in the window."""
+
+    device_id: str
+    availability: float
+
+
+@dataclass(frozen=True, slots=True)
+class HourFigures:
+    """What happened in one UTC hour ``[hour, hour + 1 h)``, cluster-wide: connections opened
+    (``connects``) and closed (``disconnects``, and by close reason, ``""`` for none), and the
+    seconds of connection time inside the hour summed over all connections (open ones count
+    up to now)."""
+
+    hour: datetime
+    connects: int = 0
+    disconnects: int = 0
+    disconnects_by_reason: dict[str, int] = field(default_factory=dict)
+    connected_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HourlyStatistics:
+    """One :class:`HourFigures` per hour of ``[since, until)`` (whole hours), oldest first."""
+
+    items: list[HourFigures]
+    since: datetime
+    until: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,3 +265,18 @@ class Page(Generic[T]):
 
     items: list[T] = field(default_factory=list)
     next_cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """One server run (a row of ``nodes``) and how many connections are open on it now."""
+
+    node_id: str
+    name: str
+    hostname: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    stopped_at: datetime | None
+    stop_reason: str | None
+    online: int

@@ -16,8 +16,11 @@ from uvicorn.importer import ImportFromStringError, import_from_string
 
 from registry.errors import InvalidArgumentError, StoreUnavailableError
 from registry.registry import Registry
-from registry.server import redaction
+from registry.server import redaction, ui
 from registry.server.api import API_ERRORS, create_router, require_api_key
+from registry.server.docs import create_docs_router
+from registry.server.events import EventFeed, create_events_router
+from registry.server.fleet_api import create_fleet_router
 from registry.server.history_api import create_history_router
 from registry.server.metrics import Metrics
 from registry.server.sessions import SessionManager, SessionRunner
@@ -91,6 +94,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         endpoint = Endpoint(settings, registry, sessions)
         endpoint.start()
+        events = EventFeed(registry.history)
+        registry.journal.listeners.append(events.poke)
+        events.start()
+        app.state.events = events
         app.state.registry = registry
         app.state.sessions = sessions
         app.state.metrics = Metrics(registry)
@@ -99,15 +106,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await events.close()
             await endpoint.close()
             await sessions.close()
             await registry.close()
 
-    app = FastAPI(title="registry", lifespan=lifespan)
+    # /docs is served from the package (registry.server.docs); ReDoc would need a CDN.
+    app = FastAPI(title="registry", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts())
     app.include_router(create_router())
     app.include_router(create_history_router())
+    app.include_router(create_events_router())
+    app.include_router(create_fleet_router())
+    app.include_router(create_docs_router())
+    ui.install(app)
 
     @app.exception_handler(InvalidArgumentError)
     async def invalid_argument(request: Request, exc: InvalidArgumentError) -> JSONResponse:

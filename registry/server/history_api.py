@@ -14,7 +14,9 @@ from registry.types import (
     AuditEvent,
     ClientSummary,
     ConnectionRecord,
+    DeviceAvailability,
     DeviceInfoSnapshot,
+    HourlyStatistics,
     Page,
     SessionDetail,
     SessionRecord,
@@ -54,6 +56,15 @@ def _utc(value: datetime | None) -> datetime | None:
         return value.astimezone(UTC)
     except OverflowError:
         return _EARLIEST if value.year == datetime.min.year else _LATEST
+
+
+def _stats_window(since: datetime | None, until: datetime | None) -> dict[str, datetime | None]:
+    """The statistics' window in UTC, starting at the first instant when the default day
+    before ``until`` would begin before it."""
+    start, end = _utc(since), _utc(until)
+    if start is None and end is not None and end < _EARLIEST + _STATS_WINDOW:
+        start = _EARLIEST
+    return {"since": start, "until": end}
 
 
 def _not_found(what: str) -> HTTPException:
@@ -146,11 +157,31 @@ def create_history_router() -> APIRouter:
 
     @router.get("/stats")
     async def stats(history: HistoryDep, since: Since = None, until: Until = None) -> Statistics:
-        """Online now, and figures over a window (default: the last 24 hours)."""
-        start, end = _utc(since), _utc(until)
-        if start is None and end is not None and end < _EARLIEST + _STATS_WINDOW:
-            start = _EARLIEST  # the default window would begin before the first instant
-        return await history.statistics(since=start, until=end)
+        """Online now, and figures over a window (default: the last 24 hours). Per-device
+        availability is paged at ``/api/stats/availability`` (``availability`` is null)."""
+        return await history.statistics(**_stats_window(since, until), availability=False)
+
+    @router.get("/stats/availability")
+    async def stats_availability(
+        history: HistoryDep,
+        since: Since = None,
+        until: Until = None,
+        limit: Limit = DEFAULT_LIMIT,
+        cursor: Cursor = None,
+    ) -> Page[DeviceAvailability]:
+        """Per device with a connection in the window (default: the last 24 hours), by
+        device id, the fraction of the window it was connected."""
+        window = _stats_window(since, until)
+        return await history.availability(**window, limit=limit, cursor=cursor)
+
+    @router.get("/stats/hourly")
+    async def stats_hourly(
+        history: HistoryDep, since: Since = None, until: Until = None
+    ) -> HourlyStatistics:
+        """Per UTC hour of the window (whole hours, at most 31 days; default: the 24 hours
+        ending with the current one): connections opened and closed, closes by reason, and
+        connected seconds."""
+        return await history.hourly(since=_utc(since), until=_utc(until))
 
     @router.get("/audit")
     async def audit(

@@ -87,6 +87,18 @@ def epoch_seconds(dialect_name: str, column: Any) -> ColumnElement[float]:
     return (func.julianday(column) - 2440587.5) * 86400.0
 
 
+def hour_start(dialect_name: str, column: Any) -> ColumnElement[Any]:
+    """The start of the UTC hour holding a timestamp column, as SQL of the column's type.
+
+    On SQLite the text is the format SQLAlchemy stores timestamps in, so it compares with and
+    reads back as stored timestamps; PostgreSQL truncates in UTC whatever the session's zone.
+    """
+    if dialect_name == "postgresql":
+        utc = func.timezone("UTC", column)
+        return func.timezone("UTC", func.date_trunc("hour", utc), type_=column.type)
+    return func.strftime("%Y-%m-%d %H:00:00.000000", column, type_=column.type)
+
+
 def json_object(dialect_name: str, **fields: Any) -> ColumnElement[Any]:
     """A JSON object built in SQL from column expressions or literals."""
     args: list[Any] = []

@@ -225,6 +225,84 @@ class AuditEvent(Base):
     )
 
 
+# -- rollups: kept by the writer beside the rows they summarise (see registry.store.rollups) --
+# Clustered on their keys on SQLite (WITHOUT ROWID): the statistics read ranges of them.
+
+
+class ConnectionHour(Base):
+    """Per UTC hour and client type, platform and node: connections opened in the hour, closed
+    in the hour, microseconds of closed connections inside it, and of the connections opened in
+    it those closed since, with their total duration."""
+
+    __tablename__ = "connection_hours"
+
+    hour: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    client_type: Mapped[str] = mapped_column(String(32), primary_key=True)
+    platform: Mapped[str] = mapped_column(ID, primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    connects: Mapped[int] = mapped_column(BigInteger)
+    disconnects: Mapped[int] = mapped_column(BigInteger)
+    connected_us: Mapped[int] = mapped_column(BigInteger)
+    closed: Mapped[int] = mapped_column(BigInteger)
+    closed_us: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+
+class Tally(Base):
+    """A count per kind, period start and label: closes by reason (per hour of the close, and
+    per hour of the opening), sessions by state (per hour of creation), connection durations
+    by sketch bucket (per hour, six hours and day of the opening)."""
+
+    __tablename__ = "tallies"
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    start: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    label: Mapped[str] = mapped_column(Text, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+
+class DeviceDay(Base):
+    """Per device and UTC day: how many closed connections overlap the day, the microseconds
+    they cover in it, and the earliest opening among them (a lower bound once pruned)."""
+
+    __tablename__ = "device_days"
+
+    client_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    day: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    connections: Mapped[int] = mapped_column(BigInteger)
+    connected_us: Mapped[int] = mapped_column(BigInteger)
+    first_connected_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+
+class OnlineCount(Base):
+    """Connections open now per client type, platform and node."""
+
+    __tablename__ = "online_counts"
+
+    client_type: Mapped[str] = mapped_column(String(32), primary_key=True)
+    platform: Mapped[str] = mapped_column(ID, primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    connections: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+
+class ClientActivity(Base):
+    """Per client, the opening time of its newest connection."""
+
+    __tablename__ = "client_activity"
+
+    client_id: Mapped[str] = mapped_column(ID, primary_key=True)
+    last_connected_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_client_activity_last_connected_at", "last_connected_at"),)
+
+
 def _table(model: type[Base]) -> Table:
     return cast(Table, model.__table__)  # a declarative model's __table__ is always a Table
 
@@ -236,3 +314,8 @@ sessions = _table(Session)
 session_links = _table(SessionLink)
 device_info_snapshots = _table(DeviceInfoSnapshot)
 audit_events = _table(AuditEvent)
+connection_hours = _table(ConnectionHour)
+tallies = _table(Tally)
+device_days = _table(DeviceDay)
+online_counts = _table(OnlineCount)
+client_activity = _table(ClientActivity)

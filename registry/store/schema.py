@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from registry.errors import SchemaError
 
 #: The newest revision in ``migrations/versions``; a test keeps it equal to Alembic's head.
-HEAD = "0001"
+HEAD = "0002"
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 

@@ -30,7 +30,7 @@ from sqlalchemy import Dialect, bindparam, func, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import UpdateBase
 
-from registry.store import models
+from registry.store import models, rollups
 from registry.store.dialect import upsert
 
 #: A journalled row as the writer handles it: one of the row shapes below.
@@ -290,25 +290,26 @@ class DriverPlan:
     conversions: tuple[tuple[int, Processor, TypeKey], ...]
 
 
-_PLANS: weakref.WeakKeyDictionary[Dialect, dict[tuple[Op, tuple[str, ...]], DriverPlan | None]]
+_PLANS: weakref.WeakKeyDictionary[
+    Dialect, dict[tuple[UpdateBase, tuple[str, ...]], DriverPlan | None]
+]
 _PLANS = weakref.WeakKeyDictionary()
 
 
-def driver_plan(dialect: Dialect, op: Op, keys: tuple[str, ...]) -> DriverPlan | None:
-    """The driver-level plan for ``op`` rows with ``keys`` (cached), or None to let SQLAlchemy
-    execute the statement (other dialects, or a statement the plan cannot express)."""
+def driver_plan(dialect: Dialect, dml: UpdateBase, keys: tuple[str, ...]) -> DriverPlan | None:
+    """The driver-level plan for rows with ``keys`` of a statement built once (cached per
+    statement object), or None to let SQLAlchemy execute the statement (other dialects, or a
+    statement the plan cannot express)."""
     plans = _PLANS.get(dialect)
     if plans is None:
         plans = _PLANS[dialect] = {}
     try:
-        return plans[op, keys]
+        return plans[dml, keys]
     except KeyError:
         pass
     plan = None
     if dialect.name == "sqlite":
-        compiled = statement(op, dialect.name).compile(
-            dialect=dialect, column_keys=list(keys), for_executemany=True
-        )
+        compiled = dml.compile(dialect=dialect, column_keys=list(keys), for_executemany=True)
         names = compiled.positiontup
         if (
             compiled.positional
@@ -326,7 +327,7 @@ def driver_plan(dialect: Dialect, op: Op, keys: tuple[str, ...]) -> DriverPlan |
             pick = itemgetter(*names)
             values = pick if len(names) > 1 else lambda row: (pick(row),)
             plan = DriverPlan(compiled.string, values, tuple(conversions))
-    plans[op, keys] = plan
+    plans[dml, keys] = plan
     return plan
 
 
@@ -364,21 +365,63 @@ def driver_parameters(
     return parameters
 
 
+async def _roll_up(
+    connection: AsyncConnection, op: Op, rows: list[Row], delta: rollups.Delta
+) -> None:
+    """Record in ``delta`` what applying ``rows`` of ``op`` changes in the rollups (called
+    before they are applied: a close or a session update reads the row it replaces)."""
+    if op is Op.CONNECTION_OPEN:
+        for row in rows:
+            facts: dict[str, Any] = {
+                name: row.get(name) for name in rollups.ConnectionFacts._fields
+            }
+            delta.connection(rollups.ConnectionFacts(**facts))
+    elif op is Op.CONNECTION_CLOSE:
+        closes = {row["b_id"]: row for row in rows}  # applied in order: the last one stays
+        for connection_id, before in await rollups.stored_facts(connection, list(closes)):
+            close = closes[connection_id]
+            after = before._replace(disconnected_at=close["b_at"], close_reason=close["b_reason"])
+            delta.close(before, after)
+    elif op is Op.SESSION:
+        stored = await rollups.stored_sessions(connection, [row["session_id"] for row in rows])
+        for row in rows:  # merged: one per session
+            created_at, state = stored.get(row["session_id"], (row["created_at"], None))
+            if state is not None:
+                delta.session(created_at, state, -1)
+            delta.session(created_at, str(row["state"]))
+
+
 async def apply(connection: AsyncConnection, batch: Sequence[tuple[Op, Row]]) -> None:
-    """Apply ``batch`` inside the caller's transaction, one executemany per kind."""
+    """Apply ``batch`` inside the caller's transaction, one executemany per kind, and add what
+    it changes to the rollups."""
     buckets: dict[Op, list[Row]] = defaultdict(list)
     for op, row in batch:
         buckets[op].append(row)
     dialect = connection.dialect
     converted: dict[tuple[TypeKey, int], Any] = {}
+    delta = rollups.Delta()
     for op in ORDER:
         rows = buckets.get(op)
         if not rows:
             continue
         rows = _MERGE[op](rows)
-        plan = driver_plan(dialect, op, tuple(rows[0]))
-        parameters = None if plan is None else driver_parameters(plan, rows, converted)
-        if plan is None or parameters is None:
-            await connection.execute(statement(op, dialect.name), rows)
-        else:
-            await connection.exec_driver_sql(plan.sql, parameters)
+        await _roll_up(connection, op, rows, delta)
+        await _execute(connection, statement(op, dialect.name), rows, converted)
+    for rollup, rollup_rows in delta.statements(dialect.name):
+        await _execute(connection, rollup, rollup_rows, converted)
+
+
+async def _execute(
+    connection: AsyncConnection,
+    dml: UpdateBase,
+    rows: Sequence[Row],
+    converted: dict[tuple[TypeKey, int], Any],
+) -> None:
+    """Execute ``dml`` once per row: at the driver level where a plan can, else through
+    SQLAlchemy."""
+    plan = driver_plan(connection.dialect, dml, tuple(rows[0]))
+    parameters = None if plan is None else driver_parameters(plan, rows, converted)
+    if plan is None or parameters is None:
+        await connection.execute(dml, rows)
+    else:
+        await connection.exec_driver_sql(plan.sql, parameters)

@@ -31,7 +31,7 @@ async def test_every_operation_has_a_driver_plan_over_its_row_shape(tmp_path: Pa
                 dialect=dialect, column_keys=list(keys), for_executemany=True
             )
             assert set(compiled.binds) <= set(keys), op
-            assert driver_plan(dialect, op, keys) is not None, op
+            assert driver_plan(dialect, statement(op, dialect.name), keys) is not None, op
 
 
 async def test_the_writer_commits_every_kind_through_the_driver(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy import insert, select
 
 from registry import ClientType, InvalidArgumentError, Page, Registry, SessionState
 from registry.audit import AuditKind
-from registry.store import models
+from registry.store import models, rollups
 from registry.store.dialect import create_engine
 
 T = TypeVar("T")
@@ -36,6 +36,10 @@ async def insert_rows(url: str, table: Any, rows: list[dict[str, Any]]) -> None:
                 rows = [row for row in rows if row["client_id"] not in known]
             if rows:
                 await connection.execute(insert(table), rows)
+            if table is models.connections or table is models.sessions:
+                # Written behind the registry's back: bring the rollups in line, as the
+                # migration that adds them does.
+                await connection.run_sync(rollups.rebuild)
     finally:
         await engine.dispose()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from registry.store.schema import HEAD
 from tests.operator.conftest import GONE_INFO_2, Fleet, Outcome, cli, is_sqlite
 from tests.support import sql
 
@@ -126,13 +127,13 @@ async def test_db_commands_on_both_backends(database_url: str) -> None:
         cli("clients", *url),
         cli("stats", "--since", "2026-01-02", "--until", "2026-01-01", *url),
     )
-    assert "0001" in ok(current).stdout
+    assert HEAD in ok(current).stdout
     ok(check)
     assert ok(clients).stdout.strip() == "no clients online"
     assert inverted.code == 2, inverted
     assert "since" in inverted.stderr
     (version,) = await sql(database_url, "SELECT version_num FROM alembic_version")
-    assert version[0] == "0001"
+    assert version[0] == HEAD
     assert await sql(database_url, "SELECT count(*) FROM connections") == [(0,)]
 
 

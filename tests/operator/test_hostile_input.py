@@ -79,6 +79,8 @@ async def test_every_route_refuses_unstorable_parameters(
     async with server.http() as http:
         for path, parameters in _routes(server):
             for parameter in parameters:
+                if parameter["in"] not in ("path", "query"):
+                    continue  # a header cannot carry a NUL
                 name = parameter["name"]
                 values = [NUL] + (CURSORS if name == "cursor" else [])
                 for value in values:

@@ -86,11 +86,17 @@ def api_schema(template: Path, tmp_path: Path) -> OpenApiSchema:
     return schemathesis.openapi.from_asgi("/openapi.json", create_app(settings_))
 
 
+#: Streams that never end (Server-Sent Events): a call would not return. ``/api/events`` is
+#: tested over real HTTP in tests/server/test_events.py.
+ENDLESS = {("GET", "/api/events")}
+
+
 def _operations() -> list[tuple[str, str]]:
     """(method, path) of every operation in the app's schema (no lifespan needed for that)."""
     app = create_app(Settings(api_key=API_KEY, database_url="sqlite+aiosqlite:///unused.db"))
     paths: dict[str, dict[str, Any]] = app.openapi()["paths"]
-    return [(method.upper(), path) for path, methods in paths.items() for method in methods]
+    operations = [(method.upper(), path) for path, methods in paths.items() for method in methods]
+    return [operation for operation in operations if operation not in ENDLESS]
 
 
 # Each operation is a test of its own, driven by Hypothesis through ``as_strategy``, rather
@@ -134,6 +140,10 @@ KNOWN: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
     ("/api/audit", "GET", {}, {"session": "s-1"}),
     ("/api/health", "GET", {}, {}),
     ("/api/task_result/{task_name}", "GET", {"task_name": "nothing"}, {}),
+    ("/api/store", "GET", {}, {}),
+    ("/api/nodes", "GET", {}, {}),
+    ("/api/disconnects", "GET", {}, {"abnormal": False, "limit": 1}),
+    ("/api/online", "GET", {}, {"q": "DEV", "type": "device"}),
 ]
 
 
@@ -160,6 +170,7 @@ WINDOWED = [
     ("/api/devices/{device_id}/info/history", {"device_id": "dev-1"}),
     ("/api/audit", {}),
     ("/api/stats", {}),
+    ("/api/disconnects", {}),
 ]
 
 
