@@ -103,18 +103,7 @@ class ClientBook(Generic[S]):
         at = _utc(now)
         existing = self._live.clients.get(client_id)
         if existing is not None:
-            if self._on_duplicate is DuplicatePolicy.REFUSE and (
-                replacing is None or existing.info.websocket is not replacing
-            ):
-                recorder.audit(
-                    AuditKind.CLIENT_DUPLICATE_REFUSED,
-                    at,
-                    client_id=client_id,
-                    live_connection_id=existing.info.connection_id,
-                    remote_address=remote_address,
-                )
-                raise DuplicateClientError(client_id)
-            self._close(existing, at, closes.REPLACED, AuditKind.CLIENT_REPLACED)
+            self._displace(existing, at, replacing, remote_address)
         info = ClientInfo(
             client_id=client_id,
             platform=platform,
@@ -140,6 +129,24 @@ class ClientBook(Generic[S]):
         )
         self._registrations[client_id] = _Registration(list(range(first, sequence + 1)))
         return live, sequence
+
+    def _displace(
+        self, existing: LiveClient, at: datetime, replacing: S | None, remote_address: str | None
+    ) -> None:
+        """Close ``existing`` as replaced, or refuse the newcomer (audited) when the policy is
+        ``refuse`` and ``replacing`` is not its websocket."""
+        if self._on_duplicate is DuplicatePolicy.REFUSE and (
+            replacing is None or existing.info.websocket is not replacing
+        ):
+            self._run.recorder.audit(
+                AuditKind.CLIENT_DUPLICATE_REFUSED,
+                at,
+                client_id=existing.info.client_id,
+                live_connection_id=existing.info.connection_id,
+                remote_address=remote_address,
+            )
+            raise DuplicateClientError(existing.info.client_id)
+        self._close(existing, at, closes.REPLACED, AuditKind.CLIENT_REPLACED)
 
     def withdraw(self, client_id: str, websocket: S, reason: str) -> None:
         """:meth:`Registry.withdraw_client` (its docstring states the contract)."""

@@ -15,11 +15,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Select, func, or_, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from registry import statistics as rollup_statistics
-from registry.errors import InvalidArgumentError, StoreUnavailableError, describe, store_errors
+from registry.errors import InvalidArgumentError, store_errors
 from registry.store import models
 from registry.types import (
     AuditEvent,
@@ -452,11 +451,9 @@ class History:
         the per-device figures, which cost a pass over every device (see
         :meth:`availability` for them a page at a time)."""
         since, until = _statistics_window(since, until)
-        try:
+        with store_errors("statistics query failed"):
             async with self._engine.connect() as connection:
                 figures = await rollup_statistics.statistics(connection, since, until, None)
-        except SQLAlchemyError as exc:
-            raise StoreUnavailableError(f"statistics query failed: {describe(exc)}") from exc
         if not availability:
             return figures
         devices: dict[str, float] = {}
@@ -481,13 +478,11 @@ class History:
         connections still open): the meaning of :attr:`Statistics.availability`."""
         since, until = _statistics_window(since, until)
         after = None if cursor is None else decode_cursor(cursor, str)[0]
-        try:
+        with store_errors("availability query failed"):
             async with self._engine.connect() as connection:
                 items, more = await rollup_statistics.availability_page(
                     connection, since, until, after, _limit(limit)
                 )
-        except SQLAlchemyError as exc:
-            raise StoreUnavailableError(f"availability query failed: {describe(exc)}") from exc
         return Page(items=items, next_cursor=encode_cursor(items[-1].device_id) if more else None)
 
     async def hourly(
@@ -509,11 +504,9 @@ class History:
             raise InvalidArgumentError(
                 "since", f"the window is at most {MAX_HOURLY_WINDOW.days} days of whole hours"
             )
-        try:
+        with store_errors("hourly statistics failed"):
             async with self._engine.connect() as connection:
                 items = await rollup_statistics.hourly(connection, start, end)
-        except SQLAlchemyError as exc:
-            raise StoreUnavailableError(f"hourly statistics failed: {describe(exc)}") from exc
         return HourlyStatistics(items=items, since=start, until=end)
 
     async def nodes(self, *, running_only: bool = False) -> list[NodeRecord]:

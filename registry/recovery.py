@@ -41,11 +41,9 @@ from registry.validation import canonical_json
 
 @dataclass(slots=True)
 class RecoveredState:
-    """What recovery found: counts for the audit trail and the maps to load into memory."""
+    """What recovery read back, to load into memory: the interrupted sessions, their open links
+    (session id, role, client id, link id) and each device's latest info (document, digest)."""
 
-    closed_connections: int = 0
-    interrupted_sessions: int = 0
-    recovered_nodes: list[str] = field(default_factory=list)
     sessions: dict[str, SessionInfo] = field(default_factory=dict)
     links: list[tuple[str, LinkRole, str, str]] = field(default_factory=list)
     device_info: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -85,7 +83,8 @@ async def close_gone_runs(
 ) -> tuple[int, int, list[str]]:
     """Close the connections and interrupt the sessions of every gone run.
 
-    Returns (connections closed, sessions interrupted, node ids recovered).
+    Returns (connections closed, sessions interrupted, node ids recovered): start-up records
+    them in its ``node_recovered`` audit event; the rollup tests check them.
     """
     n, c, s = models.nodes.c, models.connections.c, models.sessions.c
     gone_rule = [n.stopped_at.is_(None), n.node_id != node_id]

@@ -407,8 +407,8 @@ async def apply(connection: AsyncConnection, batch: Sequence[tuple[Op, Row]]) ->
         rows = _MERGE[op](rows)
         await _roll_up(connection, op, rows, delta)
         await _execute(connection, statement(op, dialect.name), rows, converted)
-    for rollup, changes in delta.statements(dialect.name):
-        await _execute(connection, rollup, changes, converted)
+    for rollup, rollup_rows in delta.statements(dialect.name):
+        await _execute(connection, rollup, rollup_rows, converted)
 
 
 async def _execute(
