@@ -9,15 +9,19 @@ import asyncio
 import itertools
 import signal
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import insert
 
-from registry import Registry
+from registry.audit import AuditKind
 from registry.history import encode_cursor
 from registry.server.events import KINDS, EventFeed, event_kind, stream
-from registry.types import AuditEvent, ClientType
+from registry.store import models
+from registry.store.dialect import create_engine
+from registry.types import AuditEvent
 from tests.server.sse import subscribe
 from tests.support import (
     API_KEY,
@@ -138,17 +142,26 @@ async def test_a_subscriber_resumes_with_its_last_id_and_gets_exactly_what_it_mi
 
 async def test_events_written_by_another_node_arrive_within_the_poll(server: Server) -> None:
     """Rows this server's journal did not commit (another node, a tool) come from the
-    periodic read of the audit trail."""
-    async with (
-        subscribe(server, params={"kind": "join"}) as events,
-        Registry(server.database_url, node_name="other") as other,
-    ):
-        other.add_client("elsewhere", "linux", object(), ClientType.DEVICE)
-        await other.flush()
+    periodic read of the audit trail. A SQLite file has one registry, so the other writer is
+    a plain insert of the row another node's journal would write."""
+    async with subscribe(server, params={"kind": "join"}) as events:
+        engine = create_engine(server.database_url)
+        try:
+            async with engine.begin() as connection:
+                await connection.execute(
+                    insert(models.audit_events).values(
+                        at=datetime.now(UTC),
+                        node_id="other-node",
+                        kind=AuditKind.CLIENT_REGISTERED.value,
+                        client_id="elsewhere",
+                        details={"client_type": "device", "platform": "linux"},
+                    )
+                )
+        finally:
+            await engine.dispose()
         (event,) = await events.wait_for(1, wait=3)
         assert event.data["client_id"] == "elsewhere"
-        assert event.data["node_id"] == other.node_id
-        other.remove_client("elsewhere")
+        assert event.data["node_id"] == "other-node"
 
 
 async def test_wrong_key_unknown_kind_and_bad_last_event_id_are_refused(server: Server) -> None:
