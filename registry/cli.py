@@ -27,7 +27,7 @@ from pydantic_core import to_jsonable_python
 from sqlalchemy.exc import SQLAlchemyError
 from tabulate import tabulate
 
-from registry.errors import InvalidArgumentError, RegistryError, describe
+from registry.errors import DatabaseInUseError, InvalidArgumentError, RegistryError, describe
 from registry.history import MAX_LIMIT, History
 from registry.settings import Settings
 from registry.store.dialect import DEFAULT_URL, create_engine, is_sqlite, parse_url
@@ -106,6 +106,8 @@ def serve(no_auth: bool, allowed_hosts: tuple[str, ...], log_level: str, **optio
         app = create_app(settings)
     except InvalidArgumentError as exc:  # e.g. a runner that cannot be imported
         raise _BadUsage(str(exc)) from exc
+    except DatabaseInUseError as exc:  # another registry serves this SQLite file
+        raise _CannotServe(str(exc)) from exc
     try:
         sock = listen.bind(settings.host, settings.port, settings.send_timeout)
     except OSError as exc:
