@@ -1,4 +1,4 @@
-"""The reference ``WSManager``, copied from ``reference/ws_manager.md`` as the benchmark baseline.
+"""The reference ``WSManager``, copied verbatim as the benchmark baseline.
 
 Method bodies are the reference's, verbatim, ``logger.info`` calls included (the benchmark sets
 this module's logger to WARNING so they run, f-strings and all, without printing). Only the

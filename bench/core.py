@@ -941,7 +941,7 @@ async def run(config: Config) -> Report:
         await startup_recovery(config, workdir, report)
         await memory(config, workdir, report)
     report.notes.append(
-        "Baseline: the reference `WSManager` from `reference/ws_manager.md`, method bodies"
+        "Baseline: the reference `WSManager`, method bodies"
         " verbatim (`bench/baseline.py`); its `logger.info` calls run (the f-strings are built)"
         " but its logger is set to WARNING so nothing is printed."
     )

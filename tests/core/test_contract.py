@@ -39,7 +39,7 @@ from tests.databases import POSTGRES_ADMIN_URL, admin
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-#: The reference WSManager's methods and their positional arguments (ws_manager.md).
+#: The reference WSManager's methods and their positional arguments (as in bench/baseline.py).
 REFERENCE_METHODS: dict[str, list[str]] = {
     "add_client": ["client_id", "platform", "websocket", "client_type", "metadata"],
     "get_client": ["client_id"],

@@ -1,8 +1,8 @@
 """Every usage pattern of the reference ``WSManager`` document, run as written there.
 
-The code inside each test follows ws_manager.md line for line; only the surroundings (the fake
-``session_manager`` and ``device_client`` that are the caller's code, websockets as sentinels)
-are supplied here. Each runs on SQLite and on PostgreSQL.
+The code inside each test follows the reference document line for line; only the
+surroundings (the fake ``session_manager`` and ``device_client`` that are the caller's code,
+websockets as sentinels) are supplied here. Each runs on SQLite and on PostgreSQL.
 """
 
 from __future__ import annotations
